@@ -1,0 +1,104 @@
+"""What every command-line script shares: quiet TensorFlow, device choice, one-line errors.
+
+Scripts are thin `main()` functions wrapped by `run_main`. They parse their arguments,
+call `prepare_tensorflow(verbose=..., gpu=...)` *before* importing anything that imports
+TensorFlow (the environment variables below only work if set first), and report bad
+input by raising `UsageError`, which `run_main` prints as one line and exit code 2.
+"""
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2, no traceback."""
+
+
+def add_common_flags(parser, *, gpu=True):
+    """Flags that every script has: --verbose and (for scripts that run the model) --gpu."""
+    parser.add_argument('--verbose', action='store_true',
+                        help="show TensorFlow's start-up log and warnings (hidden by default)")
+    if gpu:
+        parser.add_argument('--gpu', default='0',
+                            help='GPU number(s) to use, comma-separated (e.g. "0" or "0,1"); '
+                                 '-1 runs on the CPU')
+
+
+def prepare_tensorflow(*, verbose=False, gpu=None):
+    """Set up TensorFlow's environment; call before TensorFlow is imported.
+
+    Returns nothing; after it, `import tensorflow` is silent unless `verbose`.
+    """
+    if gpu is not None:
+        gpu = str(gpu).strip()
+        os.environ['CUDA_VISIBLE_DEVICES'] = '' if gpu.startswith('-') else gpu
+    if not verbose:
+        # 3 hides TensorFlow's C++ INFO, WARNING and ERROR start-up lines (oneDNN notices,
+        # missing CUDA drivers on CPU machines, ...); fatal errors still show.
+        os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+        warnings.filterwarnings('ignore', category=DeprecationWarning)
+        warnings.filterwarnings('ignore', category=FutureWarning)
+        warnings.filterwarnings('ignore', category=UserWarning, module='tensorflow')
+        logging.getLogger('tensorflow').setLevel(logging.ERROR)
+        try:
+            import absl.logging
+            absl.logging.set_verbosity(absl.logging.ERROR)
+        except ImportError:
+            pass
+    import tensorflow as tf
+    if not verbose:
+        tf.get_logger().setLevel(logging.ERROR)
+        tf.autograph.set_verbosity(0)
+    _allow_gpu_memory_growth(tf)
+    return tf
+
+
+def _allow_gpu_memory_growth(tf):
+    # Without this TensorFlow reserves all GPU memory at start-up, which breaks running a
+    # scorer beside a training job on the same card.
+    for device in tf.config.list_physical_devices('GPU'):
+        try:
+            tf.config.experimental.set_memory_growth(device, True)
+        except (ValueError, RuntimeError):
+            pass
+
+
+def error_line(prog, message):
+    """The one line printed for a usage error, in argparse's shape."""
+    return f'{prog}: error: {message}'
+
+
+def run_main(main, argv=None):
+    """Run `main(argv)` and turn the ways it can end into exit codes.
+
+    UsageError -> one line on stderr, exit 2; Ctrl-C -> exit 130 without a traceback;
+    a closed stdout pipe (`... | head`) -> quiet exit 0.
+    """
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else 'gpt2'
+    try:
+        code = main(argv)
+    except UsageError as exc:
+        print(error_line(prog, exc), file=sys.stderr)
+        code = EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f'{prog}: interrupted', file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Python would otherwise complain again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 0
+    sys.exit(code or 0)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's defaults: flag defaults shown in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('formatter_class', argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
