@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import warnings
 
 EXIT_USAGE = 2
@@ -50,11 +51,38 @@ def prepare_tensorflow(*, verbose=False, gpu=None):
             absl.logging.set_verbosity(absl.logging.ERROR)
         except ImportError:
             pass
-    import tensorflow as tf
+    tf = _import_tensorflow(quiet=not verbose)
     if not verbose:
         tf.get_logger().setLevel(logging.ERROR)
         tf.autograph.set_verbosity(0)
     _allow_gpu_memory_growth(tf)
+    return tf
+
+
+def _import_tensorflow(*, quiet):
+    """Import TensorFlow, holding back what its C++ core prints while it loads.
+
+    TensorFlow 2.16+ prints oneDNN and CUDA notices before absl logging is set up, so
+    TF_CPP_MIN_LOG_LEVEL cannot hide them; the only way is to point file descriptor 2
+    elsewhere during the import. If the import fails, what it printed is shown after all.
+    """
+    if not quiet or 'tensorflow' in sys.modules:
+        import tensorflow as tf
+        return tf
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            import tensorflow as tf
+        except BaseException:
+            os.dup2(saved_fd, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode('utf-8', 'replace'))
+            raise
+        finally:
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
     return tf
 
 

@@ -1,0 +1,227 @@
+"""The GPT-2 network of the released gpt2ja checkpoints, built from plain TensorFlow ops.
+
+The network is a pure function of a parameter dict (`'model/wte'` -> tensor or variable),
+so the same code runs eagerly, inside `tf.function`, and in a `tf.compat.v1` graph:
+- `forward(params, tokens, hparams=...)` computes logits, the final layer-normalised hidden
+  states, and each layer's keys and values (for incremental decoding);
+- `parameter_shapes(hparams)` is the table of variable names and shapes, exactly those of
+  the released checkpoints, so checkpoints move both ways between this project and
+  TF1-style code (`tf.compat.v1.train.Saver` over `model/...` variables);
+- `tf1_parameters(hparams)` creates those variables in a TF1 graph.
+
+Architecture: pre-norm transformer blocks, learned positions, GELU (tanh form), layer-norm
+epsilon 1e-5, unembedding tied to the token embedding.
+"""
+import dataclasses
+import math
+
+import numpy as np
+import tensorflow as tf
+
+SCOPE = 'model'
+LAYER_NORM_EPSILON = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class HParams:
+    """The sizes that define a GPT-2 network (the keys of `hparams.json`)."""
+    n_vocab: int
+    n_ctx: int
+    n_embd: int
+    n_head: int
+    n_layer: int
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f'hparams {field.name} must be a positive integer, not {value!r}')
+        if self.n_embd % self.n_head:
+            raise ValueError(f'hparams n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})')
+
+    @property
+    def head_size(self):
+        return self.n_embd // self.n_head
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+# The released models. Both use n_ctx 1024 and the 20,573-token vocabulary.
+RELEASED = {
+    'gpt2ja-small': HParams(n_vocab=20573, n_ctx=1024, n_embd=768, n_head=12, n_layer=12),
+    'gpt2ja-medium': HParams(n_vocab=20573, n_ctx=1024, n_embd=1024, n_head=16, n_layer=24),
+}
+
+
+def parameter_shapes(hparams):
+    """Variable name -> shape, in the released checkpoints' naming and order."""
+    e, v = hparams.n_embd, hparams.n_vocab
+    shapes = {f'{SCOPE}/wpe': (hparams.n_ctx, e), f'{SCOPE}/wte': (v, e)}
+    for layer in range(hparams.n_layer):
+        prefix = f'{SCOPE}/h{layer}'
+        shapes.update({
+            f'{prefix}/ln_1/g': (e,), f'{prefix}/ln_1/b': (e,),
+            # The 1x1 "conv" weights keep the original [1, in, out] shape.
+            f'{prefix}/attn/c_attn/w': (1, e, 3 * e), f'{prefix}/attn/c_attn/b': (3 * e,),
+            f'{prefix}/attn/c_proj/w': (1, e, e), f'{prefix}/attn/c_proj/b': (e,),
+            f'{prefix}/ln_2/g': (e,), f'{prefix}/ln_2/b': (e,),
+            f'{prefix}/mlp/c_fc/w': (1, e, 4 * e), f'{prefix}/mlp/c_fc/b': (4 * e,),
+            f'{prefix}/mlp/c_proj/w': (1, 4 * e, e), f'{prefix}/mlp/c_proj/b': (e,),
+        })
+    shapes.update({f'{SCOPE}/ln_f/g': (e,), f'{SCOPE}/ln_f/b': (e,)})
+    return shapes
+
+
+def count_parameters(hparams):
+    return sum(math.prod(shape) for shape in parameter_shapes(hparams).values())
+
+
+def _initial_std(name):
+    if name.endswith('/wpe'):
+        return 0.01
+    return 0.02
+
+
+def init_parameters(hparams, *, seed=0):
+    """Random parameters as GPT-2 initialises them (numpy float32), for new or test models."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in parameter_shapes(hparams).items():
+        if name.endswith('/g'):
+            params[name] = np.ones(shape, np.float32)
+        elif name.endswith('/b'):
+            params[name] = np.zeros(shape, np.float32)
+        else:
+            params[name] = rng.normal(0.0, _initial_std(name), shape).astype(np.float32)
+    return params
+
+
+def tf1_parameters(hparams, *, initial=None):
+    """Create the network's variables in the current TF1 graph (tf.compat.v1.get_variable).
+
+    `initial`, a dict of numpy arrays, gives initial values; else GPT-2's initialisers.
+    Returns name -> variable; the variable names are the checkpoint names.
+    """
+    v1 = tf.compat.v1
+    params = {}
+    for name, shape in parameter_shapes(hparams).items():
+        if initial is not None:
+            init = v1.constant_initializer(initial[name])
+        elif name.endswith('/g'):
+            init = v1.ones_initializer()
+        elif name.endswith('/b'):
+            init = v1.zeros_initializer()
+        else:
+            init = v1.random_normal_initializer(stddev=_initial_std(name))
+        params[name] = v1.get_variable(name, shape, dtype=tf.float32, initializer=init)
+    return params
+
+
+def gelu(x):
+    return 0.5 * x * (1.0 + tf.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * tf.pow(x, 3))))
+
+
+def layer_norm(x, g, b):
+    """Normalise the last axis to mean 0 and variance 1, then scale by g and shift by b."""
+    mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
+    return (x - mean) * tf.math.rsqrt(variance + LAYER_NORM_EPSILON) * g + b
+
+
+def conv1d(x, w, b):
+    """The original's 1x1 convolution, i.e. a dense layer: [..., nx] @ [1, nx, nf] -> [..., nf]."""
+    return tf.tensordot(x, w[0], axes=1) + b
+
+
+def split_heads(x, n_head):
+    """[batch, seq, features] -> [batch, heads, seq, features / heads]."""
+    batch, seq = tf.shape(x)[0], tf.shape(x)[1]
+    features = x.shape[-1]
+    x = tf.reshape(x, [batch, seq, n_head, features // n_head])
+    return tf.transpose(x, [0, 2, 1, 3])
+
+
+def merge_heads(x):
+    """[batch, heads, seq, head_size] -> [batch, seq, heads * head_size]."""
+    x = tf.transpose(x, [0, 2, 1, 3])
+    batch, seq = tf.shape(x)[0], tf.shape(x)[1]
+    return tf.reshape(x, [batch, seq, x.shape[-2] * x.shape[-1]])
+
+
+def causal_mask(query_length, key_length):
+    """[query, key] booleans: query i (the last `query_length` of `key_length` positions) sees
+    keys up to and including its own position."""
+    i = tf.range(query_length)[:, None]
+    j = tf.range(key_length)
+    return i >= j - key_length + query_length
+
+
+def attend(q, k, v, mask):
+    """Scaled dot-product attention. q [b, h, t, d]; k, v [b, h, s, d]; mask broadcasts to
+    [b, h, t, s] (True = may attend). Returns [b, h, t, d]."""
+    scores = tf.matmul(q, k, transpose_b=True) * tf.math.rsqrt(tf.cast(q.shape[-1], q.dtype))
+    scores = tf.where(mask, scores, tf.cast(scores.dtype.min, scores.dtype))
+    return tf.matmul(tf.nn.softmax(scores, axis=-1), v)
+
+
+def attention(params, prefix, x, *, past, hparams):
+    """Masked self-attention of one block. x [batch, seq, embd]; past None or
+    [batch, 2, heads, past_seq, head_size]. Returns (output [batch, seq, embd],
+    present [batch, 2, heads, seq, head_size]: this call's keys and values)."""
+    qkv = conv1d(x, params[f'{prefix}/c_attn/w'], params[f'{prefix}/c_attn/b'])
+    q, k, v = [split_heads(part, hparams.n_head) for part in tf.split(qkv, 3, axis=2)]
+    present = tf.stack([k, v], axis=1)
+    if past is not None:
+        past_k, past_v = tf.unstack(past, axis=1)
+        k = tf.concat([past_k, k], axis=-2)
+        v = tf.concat([past_v, v], axis=-2)
+    mask = causal_mask(tf.shape(q)[2], tf.shape(k)[2])
+    a = merge_heads(attend(q, k, v, mask))
+    return conv1d(a, params[f'{prefix}/c_proj/w'], params[f'{prefix}/c_proj/b']), present
+
+
+def mlp(params, prefix, x):
+    h = gelu(conv1d(x, params[f'{prefix}/c_fc/w'], params[f'{prefix}/c_fc/b']))
+    return conv1d(h, params[f'{prefix}/c_proj/w'], params[f'{prefix}/c_proj/b'])
+
+
+def block(params, prefix, x, *, past, hparams):
+    """One pre-norm transformer block; returns (x, present) as `attention` does."""
+    a, present = attention(params, f'{prefix}/attn', layer_norm(x, params[f'{prefix}/ln_1/g'], params[f'{prefix}/ln_1/b']),
+                           past=past, hparams=hparams)
+    x = x + a
+    x = x + mlp(params, f'{prefix}/mlp', layer_norm(x, params[f'{prefix}/ln_2/g'], params[f'{prefix}/ln_2/b']))
+    return x, present
+
+
+def past_shape(hparams, *, batch_size=None, sequence=None):
+    """Shape of the key/value cache: [batch, layers, 2, heads, sequence, head_size]."""
+    return [batch_size, hparams.n_layer, 2, hparams.n_head, sequence, hparams.head_size]
+
+
+def forward(params, tokens, *, hparams, past=None):
+    """Run the network.
+
+    tokens: int [batch, seq]; past: None or the `present` of earlier calls,
+    [batch, layers, 2, heads, past_seq, head_size]; positions continue after past_seq.
+    Returns a dict:
+      logits  [batch, seq, n_vocab]  (float32)
+      hidden  [batch, seq, n_embd]   final layer-normalised hidden states
+      present [batch, layers, 2, heads, seq, head_size]  this call's keys and values
+    """
+    past_length = 0 if past is None else tf.shape(past)[-2]
+    positions = past_length + tf.range(tf.shape(tokens)[1])
+    x = tf.gather(params[f'{SCOPE}/wte'], tokens) + tf.gather(params[f'{SCOPE}/wpe'], positions)
+    pasts = tf.unstack(past, axis=1) if past is not None else [None] * hparams.n_layer
+    presents = []
+    for layer, layer_past in enumerate(pasts):
+        x, present = block(params, f'{SCOPE}/h{layer}', x, past=layer_past, hparams=hparams)
+        presents.append(present)
+    hidden = layer_norm(x, params[f'{SCOPE}/ln_f/g'], params[f'{SCOPE}/ln_f/b'])
+    # [batch * seq, n_embd] x [n_vocab, n_embd]^T as one 2-D matmul: the largest product in
+    # the network, and 2-D is the fastest path on every backend.
+    batch, seq = tf.shape(tokens)[0], tf.shape(tokens)[1]
+    flat = tf.reshape(hidden, [batch * seq, hparams.n_embd])
+    logits = tf.reshape(tf.matmul(flat, params[f'{SCOPE}/wte'], transpose_b=True),
+                        [batch, seq, hparams.n_vocab])
+    return {'logits': logits, 'hidden': hidden, 'present': tf.stack(presents, axis=1)}

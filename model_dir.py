@@ -1,0 +1,286 @@
+"""A model directory: checkpoint, hyperparameters and vocabulary, loaded and saved in one place.
+
+Every script loads its model through `load_model_dir(path, vocab_dir=...)`, which checks
+the directory fully before any work starts and reports each problem as one line
+(`ModelDirError`, a usage error). A model directory holds:
+  - TF1 Saver files `NAME.index` + `NAME.data-*-of-*` and usually a `checkpoint` file;
+  - usually `hparams.json` ({"n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"});
+  - usually the vocabulary (`ja-bpe.txt`, `emoji.json`), else found as encoder/vocab.py says.
+
+`save_checkpoint` writes the same layout (used by fine-tuning and by the tests' tiny models),
+crash-safely: a checkpoint appears complete or not at all.
+"""
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from cli import UsageError
+from encoder.vocab import EMOJI_FILE, VOCAB_FILE, find_vocab_dir, read_vocab
+from model import SCOPE, HParams, parameter_shapes
+
+HPARAMS_FILE = 'hparams.json'
+CHECKPOINT_STATE_FILE = 'checkpoint'
+DEFAULT_HEAD_SIZE = 64  # every released GPT-2 uses 64-wide heads
+
+
+class ModelDirError(UsageError):
+    """A model directory that cannot be loaded; the message says why and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDir:
+    path: Path
+    checkpoint: str  # the checkpoint prefix: `checkpoint + '.index'` exists
+    hparams: HParams
+    vocab_dir: Path = None
+
+    def load_parameters(self):
+        """Network parameters as numpy arrays, name -> array; optimizer state is ignored."""
+        return read_parameters(self.checkpoint, self.hparams)
+
+    def load_encoder(self):
+        from encoder import get_encoder
+        return get_encoder(self.vocab_dir)
+
+
+def load_model_dir(path, *, vocab_dir=None, need_vocab=True, n_head=None):
+    """Find and check everything needed to run the model in `path`.
+
+    vocab_dir: an explicit vocabulary directory (`--vocab`); else searched for.
+    n_head: used only when there is no hparams.json (it cannot be read off the shapes).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelDirError(f'model directory {path} does not exist; pass --model DIR with a '
+                            f'checkpoint directory such as model/gpt2ja-small')
+    if not path.is_dir():
+        raise ModelDirError(f'{path} is not a directory; --model takes the checkpoint directory')
+    prefix = find_checkpoint(path)
+    shapes = checkpoint_shapes(prefix)
+    hparams = resolve_hparams(path, shapes, n_head=n_head)
+    check_variables(prefix, shapes, hparams)
+    found_vocab = None
+    if need_vocab:
+        found_vocab = find_vocab_dir(vocab_dir, model_dir=path)
+        vocab_size = len(read_vocab(found_vocab))
+        if vocab_size != hparams.n_vocab:
+            raise ModelDirError(
+                f'the vocabulary in {found_vocab} has {vocab_size} entries but the checkpoint '
+                f'{prefix} expects {hparams.n_vocab} (rows of {SCOPE}/wte); use the vocabulary '
+                f'the model was trained with')
+    return ModelDir(path=path, checkpoint=prefix, hparams=hparams, vocab_dir=found_vocab)
+
+
+def find_checkpoint(directory):
+    """The checkpoint prefix to load from `directory`.
+
+    The `checkpoint` file names it, but often with an absolute path from the machine that
+    trained the model; then (or with no such file) the same file name in this directory is
+    tried, and last the newest `*.index` here.
+    """
+    directory = Path(directory)
+    named = _checkpoint_state_path(directory)
+    if named is not None:
+        for candidate in (Path(named), directory / named, directory / Path(named).name):
+            if Path(f'{candidate}.index').is_file():
+                return str(candidate)
+    indexes = sorted(directory.glob('*.index'), key=_index_sort_key)
+    if not indexes:
+        raise ModelDirError(f'no checkpoint in {directory}: expected NAME.index and '
+                            f'NAME.data-00000-of-00001 files (TF1 Saver format)')
+    return str(indexes[-1])[:-len('.index')]
+
+
+def _checkpoint_state_path(directory):
+    state = directory / CHECKPOINT_STATE_FILE
+    if not state.is_file():
+        return None
+    try:
+        text = state.read_text(encoding='utf-8', errors='replace')
+    except OSError:
+        return None
+    match = re.search(r'^model_checkpoint_path:\s*"(.*)"\s*$', text, re.MULTILINE)
+    return match.group(1) if match else None
+
+
+def _index_sort_key(index_path):
+    # Newest by step number when names carry one (model-1200 > model-900), then by time.
+    step = re.search(r'-(\d+)\.index$', index_path.name)
+    return (int(step.group(1)) if step else -1, index_path.stat().st_mtime)
+
+
+def checkpoint_shapes(prefix):
+    """Variable name -> shape of every tensor in the checkpoint."""
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        return {name: tuple(shape) for name, shape in reader.get_variable_to_shape_map().items()}
+    except (tf.errors.OpError, ValueError, IndexError, OSError) as exc:
+        raise ModelDirError(f'checkpoint {prefix} is unreadable (truncated or corrupt?): '
+                            f'{_first_line(exc)}') from None
+
+
+def _first_line(exc):
+    text = getattr(exc, 'message', None) or str(exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def infer_hparams(shapes, *, n_head=None):
+    """Read the sizes off the checkpoint's variable shapes (n_head: given, or n_embd / 64)."""
+    try:
+        n_vocab, n_embd = shapes[f'{SCOPE}/wte']
+        n_ctx, _ = shapes[f'{SCOPE}/wpe']
+    except (KeyError, ValueError):
+        raise ModelDirError(f'the checkpoint has no {SCOPE}/wte and {SCOPE}/wpe of rank 2: '
+                            f'is it a GPT-2 checkpoint?') from None
+    layers = {int(m.group(1)) for name in shapes if (m := re.match(rf'{SCOPE}/h(\d+)/', name))}
+    if n_head is None:
+        n_head = max(1, n_embd // DEFAULT_HEAD_SIZE)
+    try:
+        return HParams(n_vocab=n_vocab, n_ctx=n_ctx, n_embd=n_embd, n_head=n_head,
+                       n_layer=len(layers))
+    except ValueError as exc:
+        raise ModelDirError(f'cannot infer hparams from the checkpoint: {exc}') from None
+
+
+def read_hparams_file(directory):
+    """The dict in `hparams.json`, or None when the file is absent."""
+    path = Path(directory) / HPARAMS_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding='utf-8'))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelDirError(f'cannot read {path}: {exc}') from None
+    if not isinstance(data, dict):
+        raise ModelDirError(f'{path} must hold a JSON object')
+    return data
+
+
+def resolve_hparams(directory, shapes, *, n_head=None):
+    """hparams.json where present (checked against the checkpoint), else inferred."""
+    inferred = infer_hparams(shapes, n_head=n_head)
+    written = read_hparams_file(directory)
+    if written is None:
+        return inferred
+    fields = [f.name for f in dataclasses.fields(HParams)]
+    missing = [name for name in fields if name not in written]
+    if missing:
+        raise ModelDirError(f'{Path(directory) / HPARAMS_FILE} lacks {", ".join(missing)}')
+    try:
+        hparams = HParams(**{name: written[name] for name in fields})
+    except ValueError as exc:
+        raise ModelDirError(f'{Path(directory) / HPARAMS_FILE}: {exc}') from None
+    contradictions = [f'{name}={getattr(hparams, name)} (checkpoint: {getattr(inferred, name)})'
+                      for name in ('n_vocab', 'n_ctx', 'n_embd', 'n_layer')
+                      if getattr(hparams, name) != getattr(inferred, name)]
+    if contradictions:
+        raise ModelDirError(f'{Path(directory) / HPARAMS_FILE} contradicts the checkpoint: '
+                            f'{", ".join(contradictions)}; fix or remove hparams.json')
+    return hparams
+
+
+def check_variables(prefix, shapes, hparams):
+    """Every network variable is in the checkpoint with the shape hparams imply."""
+    for name, shape in parameter_shapes(hparams).items():
+        if name not in shapes:
+            raise ModelDirError(f'checkpoint {prefix} lacks the variable {name}; it does not '
+                                f'match hparams {hparams.to_dict()}')
+        if tuple(shapes[name]) != tuple(shape):
+            raise ModelDirError(f'checkpoint {prefix}: {name} has shape {list(shapes[name])}, '
+                                f'expected {list(shape)} for hparams {hparams.to_dict()}')
+
+
+def read_parameters(prefix, hparams):
+    """Network parameters (numpy float32) from the checkpoint; other tensors are skipped."""
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        return {name: reader.get_tensor(name).astype(np.float32, copy=False)
+                for name in parameter_shapes(hparams)}
+    except (tf.errors.OpError, ValueError, IndexError, OSError) as exc:
+        raise ModelDirError(f'checkpoint {prefix} is unreadable (truncated or corrupt?): '
+                            f'{_first_line(exc)}') from None
+
+
+def read_tensors(prefix, names):
+    """Any named tensors of a checkpoint (optimizer slots, step counters) as numpy arrays."""
+    reader = tf.train.load_checkpoint(prefix)
+    return {name: reader.get_tensor(name) for name in names}
+
+
+def save_checkpoint(directory, tensors, *, step, name='model'):
+    """Write `tensors` (name -> array or variable) as `directory/NAME-STEP` in TF1 Saver format
+    and point the `checkpoint` file at it (relative path). Returns the prefix.
+
+    Crash-safe: the files are written under a temporary prefix and renamed into place, and
+    the `checkpoint` file is replaced last, so a kill at any moment leaves either the old or
+    the new checkpoint loadable, never a half-written one.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final_prefix = directory / f'{name}-{step}'
+    temp_prefix = directory / f'.tmp-{name}-{step}-{os.getpid()}'
+    names = sorted(tensors)
+    values = [tf.convert_to_tensor(tensors[n]) for n in names]
+    tf.raw_ops.SaveV2(prefix=str(temp_prefix), tensor_names=names,
+                      shape_and_slices=[''] * len(names), tensors=values)
+    # Data first, index last: the index is what readers look for.
+    for temp_file in sorted(directory.glob(f'{temp_prefix.name}.data-*')):
+        os.replace(temp_file, directory / temp_file.name.replace(temp_prefix.name, final_prefix.name, 1))
+    os.replace(f'{temp_prefix}.index', f'{final_prefix}.index')
+    write_checkpoint_state(directory, final_prefix.name)
+    return str(final_prefix)
+
+
+def write_checkpoint_state(directory, prefix_name, *, all_names=None):
+    """Write the `checkpoint` file naming `prefix_name` (relative), atomically."""
+    all_names = list(all_names or [prefix_name])
+    text = f'model_checkpoint_path: "{prefix_name}"\n' + ''.join(
+        f'all_model_checkpoint_paths: "{n}"\n' for n in all_names)
+    write_text_atomic(Path(directory) / CHECKPOINT_STATE_FILE, text)
+
+
+def write_text_atomic(path, text):
+    """Replace `path` with `text` so that readers see the old or the new file, never half."""
+    path = Path(path)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f'.tmp-{path.name}-')
+    try:
+        with os.fdopen(fd, 'w', encoding='utf-8') as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.unlink(temp)
+        raise
+
+
+def write_hparams(directory, hparams):
+    write_text_atomic(Path(directory) / HPARAMS_FILE, json.dumps(hparams.to_dict(), indent=2) + '\n')
+
+
+def copy_vocab(vocab_dir, directory):
+    """Put the vocabulary beside a checkpoint so the directory is self-contained."""
+    for file_name in (VOCAB_FILE, EMOJI_FILE):
+        target = Path(directory) / file_name
+        if not target.exists():
+            shutil.copyfile(Path(vocab_dir) / file_name, target)
+
+
+def save_model_dir(directory, params, hparams, *, step=0, vocab_dir=None, extra_tensors=None):
+    """A complete model directory: checkpoint (network + extra tensors), hparams.json and,
+    when `vocab_dir` is given, the vocabulary. Returns the checkpoint prefix."""
+    tensors = dict(params)
+    tensors.update(extra_tensors or {})
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    write_hparams(directory, hparams)
+    if vocab_dir is not None:
+        copy_vocab(vocab_dir, directory)
+    return save_checkpoint(directory, tensors, step=step)
