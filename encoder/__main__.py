@@ -40,8 +40,8 @@ def parse_args(argv):
     parser.add_argument('--decode', metavar='FILE.npz',
                         help='instead, print the text of the arrays of FILE.npz, in order')
     parser.add_argument('--vocab', metavar='DIR',
-                        help='folder holding ja-bpe.txt and emoji.json (default: see '
-                             'encoder/vocab.py)')
+                        help='folder holding ja-bpe.txt and emoji.json; if not given, '
+                         '$GPT2JA_VOCAB_DIR, then the encoder/ folder')
     parser.add_argument('--quiet', action='store_true', help='no progress bar or summary')
     args = parser.parse_args(argv)
     if args.decode is None and not (args.src_dir and args.dst_file):
