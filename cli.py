@@ -101,13 +101,15 @@ def error_line(prog, message):
     return f'{prog}: error: {message}'
 
 
-def run_main(main, argv=None):
+def run_main(main, argv=None, *, prog=None):
     """Run `main(argv)` and turn the ways it can end into exit codes.
 
     UsageError -> one line on stderr, exit 2; Ctrl-C -> exit 130 without a traceback;
-    a closed stdout pipe (`... | head`) -> quiet exit 0.
+    a closed stdout pipe (`... | head`) -> quiet exit 0. `prog` names the program in error
+    lines (default: the script's file name).
     """
-    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else 'gpt2'
+    if prog is None:
+        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else 'gpt2'
     try:
         code = main(argv)
     except UsageError as exc:

@@ -69,5 +69,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.argv[0] = 'python -m encoder'  # run_main names the program after it, not __main__.py
-    run_main(main)
+    run_main(main, prog='python -m encoder')
