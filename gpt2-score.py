@@ -34,7 +34,7 @@ def parse_args(argv=None):
     cli.add_common_flags(parser)
     args = parser.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
-        parser.error(f'--batch_size must be at least 1, not {args.batch_size}')
+        raise cli.UsageError(f'--batch_size must be at least 1, not {args.batch_size}')
     return args
 
 
