@@ -24,8 +24,9 @@ from model import forward
 
 DEFAULT_BATCH_SIZE = 32
 # Rows x padded length of one batch. Bounds the [batch, time, vocab] logits of scoring:
-# 8192 x 20573 float32 is 670 MB, twice that with the log-softmax beside it.
-MAX_BATCH_TOKENS = 8192
+# 4096 x 20573 float32 is 340 MB, twice that with the log-softmax beside it. More does not
+# run faster: it already fills a GPU with the small model, and a CPU is compute-bound anyway.
+MAX_BATCH_TOKENS = 4096
 # Padded lengths are multiples of this, so batches of similar rows share shapes.
 LENGTH_QUANTUM = 8
 # Texts read ahead = batch_size x this: the pool that is grouped by length. Memory is
@@ -77,11 +78,13 @@ def pad_rows(rows, width):
 
 def plan_batches(lengths, *, batch_size, n_ctx, max_tokens=MAX_BATCH_TOKENS):
     """Split row indices, longest first, into batches of at most `batch_size` rows and
-    `max_tokens` padded tokens (a single row is always allowed). Returns lists of indices."""
+    `max_tokens` padded tokens (a single row is always allowed), none padded by more than a
+    third of its own length (padding is wasted work). Returns lists of indices."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches, current, width = [], [], 0
     for i in order:
-        if current and (len(current) >= batch_size or (len(current) + 1) * width > max_tokens):
+        if current and (len(current) >= batch_size or (len(current) + 1) * width > max_tokens
+                        or 4 * padded_length(lengths[i], n_ctx) < 3 * width):
             batches.append(current)
             current = []
         if not current:
@@ -135,12 +138,13 @@ class ModelRunner:
         return list((last if pooling == 'last' else mean).numpy())
 
 
-def ordered_batches(items, rows_of, run_rows, finish, *, batch_size, n_ctx,
+def ordered_batches(items, rows_of, run_rows, finish, *, batch_size, n_ctx, row_length=len,
                     max_tokens=MAX_BATCH_TOKENS, read_ahead=None):
     """Yield `finish(item, results)` for each of `items`, in input order, streaming.
 
     rows_of(item) -> the rows (token sequences, or (inputs, targets) pairs) the item needs;
-    run_rows(rows) -> one result per row; `results` are the item's rows' results in order.
+    run_rows(rows) -> one result per row; `results` are the item's rows' results in order;
+    row_length(row) -> the padded dimension a row needs.
     Items are read `read_ahead` at a time (never all at once: `items` may be endless), their
     rows grouped by length into batches, and each item is finished as soon as it and every
     item before it are done.
@@ -165,7 +169,7 @@ def ordered_batches(items, rows_of, run_rows, finish, *, batch_size, n_ctx,
                 done += 1
 
         yield from finished()
-        lengths = [len(row[0]) if isinstance(row, tuple) else len(row) for row in rows]
+        lengths = [row_length(row) for row in rows]
         for batch in plan_batches(lengths, batch_size=batch_size, n_ctx=n_ctx, max_tokens=max_tokens):
             for row_index, result in zip(batch, run_rows([rows[i] for i in batch])):
                 index, position = owners[row_index]
@@ -214,16 +218,16 @@ def score_texts(runner, encoder, texts, *, exclude_end=False, batch_size=DEFAULT
         return score_rows(item[1], start_token=encoder.eot_id, n_ctx=n_ctx)
 
     def run_rows(rows):
-        return runner.target_logprobs([(inputs, targets) for inputs, targets, _ in rows])
+        results = runner.target_logprobs([(inputs, targets) for inputs, targets, _ in rows])
+        return [result[drop:] for result, (_, _, drop) in zip(results, rows)]
 
     def finish(item, results):
-        drops = [drop for _, _, drop in rows_of(item)]
-        parts = [result[drop:] for result, drop in zip(results, drops)]
-        logprobs = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        logprobs = np.concatenate(results) if results else np.zeros(0, np.float32)
         return ScoredText(item[0], item[1], logprobs)
 
     yield from ordered_batches(encoded(), rows_of, run_rows, finish, batch_size=batch_size,
-                               n_ctx=n_ctx, max_tokens=max_tokens, read_ahead=read_ahead)
+                               n_ctx=n_ctx, row_length=lambda row: len(row[0]),
+                               max_tokens=max_tokens, read_ahead=read_ahead)
 
 
 def vector_tokens(tokens, n_ctx):
