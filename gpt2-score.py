@@ -6,11 +6,14 @@
 Each non-blank line (stripped) is scored as the original gpt2-score.py scored it: the first
 token conditioned on <|endoftext|>, the end token scored too unless --exclude-end. Lines
 run in padded batches grouped by length; results print in input order as they are ready.
+Lines longer than the model's context are scored with a sliding window that moves n_ctx/2
+tokens at a time, so every token is conditioned on n_ctx/2 to n_ctx-1 tokens before it.
 """
 import json
 import sys
 
 import cli
+import streams  # no TensorFlow: safe before prepare_tensorflow
 
 
 def parse_args(argv=None):
@@ -18,8 +21,8 @@ def parse_args(argv=None):
     parser.add_argument('input_file', help='text file, one text a line (blank lines skipped); - for stdin')
     parser.add_argument('--model', default='gpt2ja-medium', help='model directory (checkpoint, hparams.json)')
     parser.add_argument('--vocab', default=None,
-                        help='directory with ja-bpe.txt and emoji.json (default: the model directory, '
-                             'then $GPT2JA_VOCAB_DIR, then encoder/)')
+                        help='directory with ja-bpe.txt and emoji.json; when not given: the model '
+                             'directory, then $GPT2JA_VOCAB_DIR, then encoder/')
     parser.add_argument('--tokens', action='store_true',
                         help='after each line, print token<TAB>logprob for every token, then an empty line')
     parser.add_argument('--exclude-end', action='store_true', help='do not score the <|endoftext|> after each line')
@@ -27,14 +30,10 @@ def parse_args(argv=None):
     parser.add_argument('--format', choices=('text', 'jsonl'), default='text',
                         help='text: the original tab-separated lines; jsonl: one JSON object a line '
                              '(text, total, n_tokens, perplexity, tokens)')
-    parser.add_argument('--batch_size', type=int, default=None,
-                        help='lines per batch (default 32); longer lines go in smaller batches')
-    parser.add_argument('--errors', choices=('strict', 'replace'), default='strict',
-                        help='input that is not UTF-8: strict stops with the line number; replace uses U+FFFD')
+    streams.add_batch_flags(parser, unit='lines')
     cli.add_common_flags(parser)
     args = parser.parse_args(argv)
-    if args.batch_size is not None and args.batch_size < 1:
-        raise cli.UsageError(f'--batch_size must be at least 1, not {args.batch_size}')
+    streams.check_batch_flags(args)
     return args
 
 
@@ -42,7 +41,6 @@ def main(argv=None):
     args = parse_args(argv)
     cli.prepare_tensorflow(verbose=args.verbose, gpu=args.gpu)
     import scoring
-    import streams
     from model_dir import load_model_dir
 
     name = streams.input_name(args.input_file)
@@ -53,7 +51,7 @@ def main(argv=None):
         texts = (line.strip() for line in streams.read_lines(stream, name=name, errors=args.errors))
         scored = scoring.score_texts(runner, encoder, (text for text in texts if text),
                                      exclude_end=args.exclude_end,
-                                     batch_size=args.batch_size or scoring.DEFAULT_BATCH_SIZE)
+                                     batch_size=args.batch_size)
         token_text = lambda token: encoder.decode([token])  # as the original printed tokens
         count = 0
         with streams.progress_bar(args.input_file) as progress:

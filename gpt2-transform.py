@@ -11,6 +11,7 @@ import contextlib
 import sys
 
 import cli
+import streams  # no TensorFlow: safe before prepare_tensorflow
 
 
 def parse_args(argv=None):
@@ -20,8 +21,8 @@ def parse_args(argv=None):
     source.add_argument('--input', help='text file, one text a line (no blank lines); - for stdin')
     parser.add_argument('--model', default='gpt2ja-medium', help='model directory (checkpoint, hparams.json)')
     parser.add_argument('--vocab', default=None,
-                        help='directory with ja-bpe.txt and emoji.json (default: the model directory, '
-                             'then $GPT2JA_VOCAB_DIR, then encoder/)')
+                        help='directory with ja-bpe.txt and emoji.json; when not given: the model '
+                             'directory, then $GPT2JA_VOCAB_DIR, then encoder/')
     parser.add_argument('--pooling', choices=('last', 'mean'), default='last',
                         help="last: the hidden state at the last token (the original's vector); "
                              'mean: the mean over all tokens')
@@ -29,16 +30,12 @@ def parse_args(argv=None):
                         help='write the vectors as a float32 .npy matrix (rows in input order) '
                              'instead of printing them')
     parser.add_argument('--overwrite', action='store_true', help='let --output replace an existing file')
-    parser.add_argument('--batch_size', type=int, default=None,
-                        help='texts per batch (default 32); longer texts go in smaller batches')
-    parser.add_argument('--errors', choices=('strict', 'replace'), default='strict',
-                        help='input that is not UTF-8: strict stops with the line number; replace uses U+FFFD')
+    streams.add_batch_flags(parser, unit='texts')
     cli.add_common_flags(parser)
     args = parser.parse_args(argv)
     if args.context is not None and not args.context:
         raise cli.UsageError('--context is empty; give the text to vectorise')
-    if args.batch_size is not None and args.batch_size < 1:
-        raise cli.UsageError(f'--batch_size must be at least 1, not {args.batch_size}')
+    streams.check_batch_flags(args)
     return args
 
 
@@ -55,7 +52,6 @@ def main(argv=None):
     args = parse_args(argv)
     cli.prepare_tensorflow(verbose=args.verbose, gpu=args.gpu)
     import scoring
-    import streams
     from model_dir import load_model_dir
 
     if args.output is not None:
@@ -69,7 +65,7 @@ def main(argv=None):
         else:
             texts = numbered_texts(streams.read_lines(stream, name=name, errors=args.errors), name)
         vectors = scoring.transform_texts(runner, loaded.load_encoder(), texts, pooling=args.pooling,
-                                          batch_size=args.batch_size or scoring.DEFAULT_BATCH_SIZE)
+                                          batch_size=args.batch_size)
         with streams.progress_bar(args.input) as progress:
             count = write_vectors(_counted(vectors, progress), args.output)
     if count == 0:
@@ -86,7 +82,6 @@ def _counted(items, progress):
 def write_vectors(vectors, output):
     """Print each vector as a line, or save them all as one .npy matrix; returns how many."""
     import scoring
-    import streams
     if output is not None:
         return streams.save_npy_rows(output, vectors)
     count = 0

@@ -21,8 +21,8 @@ import numpy as np
 import tensorflow as tf
 
 from model import forward
+from streams import DEFAULT_BATCH_SIZE
 
-DEFAULT_BATCH_SIZE = 32
 # Rows x padded length of one batch. Bounds the [batch, time, vocab] logits of scoring:
 # 4096 x 20573 float32 is 340 MB, twice that with the log-softmax beside it. More does not
 # run faster: it already fills a GPU with the small model, and a CPU is compute-bound anyway.

@@ -20,8 +20,23 @@ from cli import UsageError
 STDIN = '-'
 ERROR_MODES = ('strict', 'replace')
 _LINE_BREAK = re.compile('\r\n|\r|\n')
+DEFAULT_BATCH_SIZE = 32  # scoring.DEFAULT_BATCH_SIZE; here so that flags need no TensorFlow
 # More lines than fit on a screen: only then is a progress bar worth showing.
 SCREENFUL = 50
+
+
+def add_batch_flags(parser, *, unit):
+    """--batch_size and --errors, the flags of every script that runs a file of texts."""
+    parser.add_argument('--batch_size', type=int, default=DEFAULT_BATCH_SIZE,
+                        help=f'{unit} per batch; long {unit} go in smaller batches')
+    parser.add_argument('--errors', choices=ERROR_MODES, default='strict',
+                        help='input that is not UTF-8: strict stops with the line number; '
+                             'replace reads bad bytes as U+FFFD')
+
+
+def check_batch_flags(args):
+    if args.batch_size < 1:
+        raise UsageError(f'--batch_size must be at least 1, not {args.batch_size}')
 
 
 def input_name(path):
