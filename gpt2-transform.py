@@ -1,0 +1,96 @@
+"""Turn texts into vectors with a gpt2ja model: the final layer-normalised hidden state.
+
+    python gpt2-transform.py --model model/gpt2ja-small --context "猫"       # one vector
+    python gpt2-transform.py --model model/gpt2ja-small --input texts.txt --output v.npy
+
+A vector prints as the original gpt2-transform.py printed it, a Python list of floats; with
+--input, one text a line, one vector a line (or one row of the --output .npy matrix) in
+input order, run in batches. Texts longer than the model's context use their last n_ctx tokens.
+"""
+import contextlib
+import sys
+
+import cli
+import streams  # no TensorFlow: safe before prepare_tensorflow
+
+
+def parse_args(argv=None):
+    parser = cli.ArgumentParser(description=__doc__.split('\n\n')[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument('--context', help='the text to vectorise')
+    source.add_argument('--input', help='text file, one text a line (no blank lines); - for stdin')
+    parser.add_argument('--model', default='gpt2ja-medium', help='model directory (checkpoint, hparams.json)')
+    parser.add_argument('--vocab', default=None,
+                        help='directory with ja-bpe.txt and emoji.json; when not given: the model '
+                             'directory, then $GPT2JA_VOCAB_DIR, then encoder/')
+    parser.add_argument('--pooling', choices=('last', 'mean'), default='last',
+                        help="last: the hidden state at the last token (the original's vector); "
+                             'mean: the mean over all tokens')
+    parser.add_argument('--output', default=None,
+                        help='write the vectors as a float32 .npy matrix (rows in input order) '
+                             'instead of printing them')
+    parser.add_argument('--overwrite', action='store_true', help='let --output replace an existing file')
+    streams.add_batch_flags(parser, unit='texts')
+    cli.add_common_flags(parser)
+    args = parser.parse_args(argv)
+    if args.context is not None and not args.context:
+        raise cli.UsageError('--context is empty; give the text to vectorise')
+    streams.check_batch_flags(args)
+    return args
+
+
+def numbered_texts(lines, name):
+    """The texts of `lines`, each non-empty (a blank line would shift every row after it)."""
+    for number, line in enumerate(lines, 1):
+        if not line:
+            raise cli.UsageError(f'{name}: line {number} is empty; every line must hold a text '
+                                 f'(vectors are one per line)')
+        yield line
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cli.prepare_tensorflow(verbose=args.verbose, gpu=args.gpu)
+    import scoring
+    from model_dir import load_model_dir
+
+    if args.output is not None:
+        streams.check_output_path(args.output, overwrite=args.overwrite)
+    name = '--context' if args.input is None else streams.input_name(args.input)
+    with contextlib.nullcontext() if args.input is None else streams.open_binary(args.input) as stream:
+        loaded = load_model_dir(args.model, vocab_dir=args.vocab)
+        runner = scoring.ModelRunner(loaded.load_parameters(), loaded.hparams)
+        if args.input is None:
+            texts = [args.context]
+        else:
+            texts = numbered_texts(streams.read_lines(stream, name=name, errors=args.errors), name)
+        vectors = scoring.transform_texts(runner, loaded.load_encoder(), texts, pooling=args.pooling,
+                                          batch_size=args.batch_size)
+        with streams.progress_bar(args.input) as progress:
+            count = write_vectors(_counted(vectors, progress), args.output)
+    if count == 0:
+        raise cli.UsageError(f'{name} holds no text to vectorise')
+    return 0
+
+
+def _counted(items, progress):
+    for item in items:
+        yield item
+        progress.update(1)
+
+
+def write_vectors(vectors, output):
+    """Print each vector as a line, or save them all as one .npy matrix; returns how many."""
+    import scoring
+    if output is not None:
+        return streams.save_npy_rows(output, vectors)
+    count = 0
+    for vector in vectors:
+        sys.stdout.write(scoring.format_vector(vector) + '\n')
+        sys.stdout.flush()
+        count += 1
+    return count
+
+
+if __name__ == '__main__':
+    cli.run_main(main)

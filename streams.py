@@ -1,0 +1,153 @@
+"""Streams for the batch scripts: text read one line at a time, lazily, from a file or stdin
+with line-numbered errors; progress on stderr; a matrix written row by row as `.npy`.
+
+Lines are split as Python's text mode splits them (\\n, \\r\\n or \\r), so scripts see the same
+lines as the original's `for line in open(file)`. Bytes that are not UTF-8 are a one-line
+UsageError naming the line (`errors='strict'`) or become U+FFFD (`errors='replace'`).
+"""
+import contextlib
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from cli import UsageError
+
+STDIN = '-'
+ERROR_MODES = ('strict', 'replace')
+_LINE_BREAK = re.compile('\r\n|\r|\n')
+DEFAULT_BATCH_SIZE = 32  # scoring.DEFAULT_BATCH_SIZE; here so that flags need no TensorFlow
+# More lines than fit on a screen: only then is a progress bar worth showing.
+SCREENFUL = 50
+
+
+def add_batch_flags(parser, *, unit):
+    """--batch_size and --errors, the flags of every script that runs a file of texts."""
+    parser.add_argument('--batch_size', type=int, default=DEFAULT_BATCH_SIZE,
+                        help=f'{unit} per batch; long {unit} go in smaller batches')
+    parser.add_argument('--errors', choices=ERROR_MODES, default='strict',
+                        help='input that is not UTF-8: strict stops with the line number; '
+                             'replace reads bad bytes as U+FFFD')
+
+
+def check_batch_flags(args):
+    if args.batch_size < 1:
+        raise UsageError(f'--batch_size must be at least 1, not {args.batch_size}')
+
+
+def input_name(path):
+    return 'stdin' if path == STDIN else path
+
+
+@contextlib.contextmanager
+def open_binary(path):
+    """The byte stream of `path`, or of stdin for '-'; unreadable files are UsageErrors."""
+    if path == STDIN:
+        yield sys.stdin.buffer
+        return
+    try:
+        stream = open(path, 'rb')
+    except IsADirectoryError:
+        raise UsageError(f'{path} is a directory, not a text file') from None
+    except OSError as exc:
+        raise UsageError(f'cannot read {path}: {exc.strerror or exc}') from None
+    with stream:
+        yield stream
+
+
+def decode_line(data, line_number, *, name, errors='strict'):
+    try:
+        return data.decode('utf-8', errors=errors)
+    except UnicodeDecodeError as exc:
+        raise UsageError(f'{name}: line {line_number} is not UTF-8 (byte 0x{data[exc.start]:02x} at '
+                         f'byte {exc.start + 1}); convert the file to UTF-8 or pass --errors replace') from None
+
+
+def read_lines(stream, *, name, errors='strict'):
+    """Yield the lines of a byte stream as str, without their line breaks, as they arrive."""
+    number = 0
+    try:
+        for data in stream:
+            number += 1
+            text = decode_line(data, number, name=name, errors=errors)
+            text = text[:-2] if text.endswith('\r\n') else text[:-1] if text[-1:] in '\r\n' else text
+            # A lone '\r' inside is a line break too (text mode's universal newlines).
+            yield from _LINE_BREAK.split(text)
+    except OSError as exc:
+        raise UsageError(f'cannot read {name}: {exc.strerror or exc}') from None
+
+
+def count_lines(path):
+    """Number of lines in a regular file (None for stdin, no path, or an unreadable file)."""
+    if path is None or path == STDIN:
+        return None
+    try:
+        with open(path, 'rb') as stream:
+            count, last = 0, b''
+            while chunk := stream.read(1 << 20):
+                count += chunk.count(b'\n')
+                last = chunk
+            return count + (1 if last and not last.endswith(b'\n') else 0)
+    except OSError:
+        return None
+
+
+def progress_bar(path, *, unit='line'):
+    """A tqdm bar on stderr over the lines of `path`, shown only when `path` is a file with more
+    than a screenful of lines and stderr is a terminal (progress lines would litter a log)."""
+    from tqdm import tqdm
+    total = count_lines(path)
+    show = total is not None and total > SCREENFUL and sys.stderr.isatty()
+    return tqdm(total=total, unit=unit, file=sys.stderr, disable=not show, dynamic_ncols=True)
+
+
+def check_output_path(path, *, overwrite=False):
+    """Refuse before any work starts what would fail or destroy data at the end."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f'--output {path} is a directory; give a file name such as vectors.npy')
+    if not path.parent.is_dir():
+        raise UsageError(f'--output {path}: the directory {path.parent} does not exist')
+    if path.exists() and not overwrite:
+        raise UsageError(f'--output {path} exists; pass --overwrite to replace it')
+
+
+def save_npy_rows(path, rows, *, dtype=np.float32):
+    """Write `rows` (equal-length vectors, an iterable consumed lazily) as an [n, width] `.npy`
+    matrix. Rows go to a temporary file first, since the header needs n; the result is renamed
+    into place, so `path` is the complete matrix or untouched. Returns n (0 writes nothing)."""
+    path = Path(path)
+    dtype = np.dtype(dtype).newbyteorder('<')
+    temporaries = []
+
+    def temporary(suffix):
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f'.tmp-{path.name}-', suffix=suffix)
+        temporaries.append(name)
+        return os.fdopen(fd, 'wb')
+
+    try:
+        count, width = 0, None
+        with temporary('.rows') as raw:
+            for row in rows:
+                row = np.asarray(row, dtype).ravel()
+                if width is not None and row.size != width:
+                    raise ValueError(f'row {count} has {row.size} values, not {width}')
+                width = row.size
+                raw.write(row.tobytes())
+                count += 1
+        if count:
+            with temporary('.npy') as out, open(temporaries[0], 'rb') as raw:
+                np.lib.format.write_array_header_1_0(out, {
+                    'descr': np.lib.format.dtype_to_descr(dtype), 'fortran_order': False,
+                    'shape': (count, width)})
+                shutil.copyfileobj(raw, out, 1 << 20)
+            os.replace(temporaries.pop(), path)
+        return count
+    finally:
+        for name in temporaries:
+            if os.path.exists(name):
+                os.unlink(name)
