@@ -57,8 +57,9 @@ def build_parser():
     speed.add_argument('--precision', choices=['float32', 'bfloat16', 'float16'], default='float32',
                        help='compute precision (weights stay float32; float16 uses loss scaling). '
                             'On CPUs float32 is fastest')
-    speed.add_argument('--xla', action=cli.argparse.BooleanOptionalAction, default=True,
-                       help='compile the forward and backward pass with XLA')
+    speed.add_argument('--xla', action=cli.argparse.BooleanOptionalAction, default=False,
+                       help='compile the forward and backward pass with XLA (slower on CPUs: '
+                            'see report/finetune.md)')
     speed.add_argument('--strategy', choices=['auto', 'mirrored', 'multiworker'], default='auto',
                        help='auto: all visible GPUs when more than one, else one device; '
                             'multiworker: several machines, configured by $TF_CONFIG')

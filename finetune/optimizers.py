@@ -2,11 +2,11 @@
 `tf.compat.v1.train` optimizers, so that our checkpoints carry the original's optimizer
 state (`model/wte/Adam`, `model/wte/Adam_1`, `beta1_power`, `beta2_power`) and resume from it.
 
-Each optimizer is a description of its state plus a pure update: `initial_state(shapes)`
-gives the state's checkpoint names and initial values; `update(value, grad, slots, scalars,
-lr)` (scalars: name -> value, e.g. the beta powers) returns the new value and slots of one variable from tensors, so the trainer can run it
-on each device's copy of a variable (tf.distribute's `extended.update`) and keep the old
-values on a non-finite step.
+Each optimizer is a description of its state plus an update: `initial_state(shapes)` gives
+the state's checkpoint names and initial values; `apply(variable, grad, slots, scalars, lr)`
+updates one variable and its slots in place with TF's fused training kernels (the very ops
+TF1's optimizers run: one pass over memory, no temporaries), so the trainer can run it on
+each device's copy of a variable (tf.distribute's `extended.update`).
 """
 import numpy as np
 import tensorflow as tf
@@ -29,8 +29,8 @@ class SGD:
     # Shared scalar -> the factor it is multiplied by each applied step (the beta powers).
     scalar_factors = {}
 
-    def update(self, value, grad, slots, scalars, lr):
-        return value - lr * grad, []
+    def apply(self, variable, grad, slots, scalars, lr):
+        return tf.raw_ops.ResourceApplyGradientDescent(var=variable.handle, alpha=lr, delta=grad)
 
 
 class Adagrad:
@@ -48,9 +48,9 @@ class Adagrad:
 
     scalar_factors = {}
 
-    def update(self, value, grad, slots, scalars, lr):
-        accumulator = slots[0] + tf.square(grad)
-        return value - lr * grad * tf.math.rsqrt(accumulator), [accumulator]
+    def apply(self, variable, grad, slots, scalars, lr):
+        return tf.raw_ops.ResourceApplyAdagrad(var=variable.handle, accum=slots[0].handle, lr=lr,
+                                               grad=grad)
 
 
 class Adam:
@@ -75,12 +75,13 @@ class Adam:
     def scalar_factors(self):
         return {'beta1_power': self.beta1, 'beta2_power': self.beta2}
 
-    def update(self, value, grad, slots, scalars, lr):
+    def apply(self, variable, grad, slots, scalars, lr):
         m, v = slots
-        m = self.beta1 * m + (1 - self.beta1) * grad
-        v = self.beta2 * v + (1 - self.beta2) * tf.square(grad)
-        step_size = lr * tf.sqrt(1 - scalars['beta2_power']) / (1 - scalars['beta1_power'])
-        return value - step_size * m / (tf.sqrt(v) + self.epsilon), [m, v]
+        return tf.raw_ops.ResourceApplyAdam(
+            var=variable.handle, m=m.handle, v=v.handle, beta1_power=scalars['beta1_power'],
+            beta2_power=scalars['beta2_power'], lr=lr, beta1=tf.constant(self.beta1, tf.float32),
+            beta2=tf.constant(self.beta2, tf.float32), epsilon=tf.constant(self.epsilon, tf.float32),
+            grad=grad)
 
 
 OPTIMIZERS = {'adam': Adam, 'adagrad': Adagrad, 'sgd': SGD}

@@ -51,6 +51,7 @@ class Trainer:
         self.strategy = strategy or tf.distribute.get_strategy()
         self.compute_dtype = COMPUTE_DTYPES[precision]
         self.recompute = recompute
+        self.loss_scaling = precision == 'float16'
         self.param_names = list(model.parameter_shapes(hparams))
         with self.strategy.scope():
             self.variables = {name: tf.Variable(make_value(), name=name.replace('/', '.'),
@@ -86,32 +87,37 @@ class Trainer:
                               hparams=self.hparams, compute_dtype=self.compute_dtype,
                               recompute=self.recompute)
 
-    def _micro_batch_gradients(self, values, tokens, weights, loss_scale):
-        """(summed loss, gradients of the summed loss) of one micro-batch; a pure function of
-        tensors so that it can be XLA-compiled and run on any replica."""
+    def _micro_batch_gradients(self, values, tokens, weights, total_weight, loss_scale):
+        """(summed loss, gradients of summed loss / total_weight) of one micro-batch: its
+        share of the global batch's mean gradient. A pure function of tensors, so that it can
+        be XLA-compiled and run on any replica. The gradients come out of the tape already
+        normalised (and unscaled only where float16 needs a loss scale): each further
+        division would hold another copy of every gradient in memory."""
         with tf.GradientTape() as tape:
             tape.watch(values)
             loss_sum = self._micro_batch_loss(values, tokens, weights)
-            scaled = loss_sum * loss_scale
-        grads = tape.gradient(scaled, values)
-        return loss_sum, [tf.convert_to_tensor(g) / loss_scale for g in grads]
+            objective = loss_sum * (loss_scale / total_weight)
+        grads = [tf.convert_to_tensor(g) for g in tape.gradient(objective, values)]
+        if self.loss_scaling:
+            grads = [g / loss_scale for g in grads]
+        return loss_sum, grads
 
-    def _accumulated_gradients(self, tokens, weights, loss_scale):
+    def _accumulated_gradients(self, tokens, weights, total_weight, loss_scale):
         """tokens [K, batch, n_ctx]: the K micro-batches' summed loss and gradients."""
         values = [tf.convert_to_tensor(p) for p in self.params]
-        loss_sum, grads = self._gradients(values, tokens[0], weights[0], loss_scale)
+        loss_sum, grads = self._gradients(values, tokens[0], weights[0], total_weight, loss_scale)
         for k in range(1, tokens.shape[0]):
-            more_loss, more_grads = self._gradients(values, tokens[k], weights[k], loss_scale)
+            more_loss, more_grads = self._gradients(values, tokens[k], weights[k], total_weight,
+                                                    loss_scale)
             loss_sum += more_loss
             grads = [a + b for a, b in zip(grads, more_grads)]
         return loss_sum, grads
 
     def _replica_step(self, tokens, weights, total_weight, learning_rate, loss_scale):
-        loss_sum, grads = self._accumulated_gradients(tokens, weights, loss_scale)
+        loss_sum, grads = self._accumulated_gradients(tokens, weights, total_weight, loss_scale)
         context = tf.distribute.get_replica_context()
         loss_sum, grads = context.all_reduce(tf.distribute.ReduceOp.SUM, (loss_sum, grads))
         loss = loss_sum / total_weight
-        grads = [g / total_weight for g in grads]
         finite = tf.reduce_all([tf.math.is_finite(loss)] +
                                [tf.reduce_all(tf.math.is_finite(g)) for g in grads])
         context.merge_call(self._apply, args=(grads, learning_rate, finite))
@@ -119,34 +125,28 @@ class Trainer:
 
     # -- across replicas ---------------------------------------------------------------
     def _apply(self, strategy, grads, learning_rate, finite):
-        """Update every copy of every variable; keep the old values where `finite` is false.
-        Everything a device's update reads goes in through `args`, which tf.distribute
-        resolves to that device's copy."""
+        """Update every copy of every variable, unless `finite` is false. Everything a
+        device's update reads goes in through `args`, which tf.distribute resolves to that
+        device's copy."""
         extended = strategy.extended
         scalar_names = list(self.scalars)
 
-        def keep_if_bad(variable, new_value, finite):
-            return variable.assign(tf.where(finite, new_value, variable))
-
-        def update_one(variable, grad, finite, learning_rate, *state):
+        def apply_one(variable, grad, finite, learning_rate, *state):
             scalars = dict(zip(scalar_names, (tf.convert_to_tensor(v) for v in state[:len(scalar_names)])))
             slots = state[len(scalar_names):]
-            new_value, new_slots = self.optimizer.update(
-                tf.convert_to_tensor(variable), grad, [tf.convert_to_tensor(s) for s in slots],
-                scalars, learning_rate)
-            return [keep_if_bad(variable, new_value, finite)] + [
-                keep_if_bad(slot, new, finite) for slot, new in zip(slots, new_slots)]
+            return tf.cond(finite, lambda: _as_op(self.optimizer.apply(
+                variable, grad, slots, scalars, learning_rate)), tf.no_op)
 
         updates = []
         for variable, grad, slots in zip(self.params, grads, self.slots):
             updates.append(extended.update(
-                variable, update_one, group=False,
+                variable, apply_one, group=False,
                 args=(grad, finite, learning_rate, *self.scalars.values(), *slots)))
         # The beta powers advance only after every variable has read them.
         with tf.control_dependencies(tf.nest.flatten(updates)):
             for name, factor in self.optimizer.scalar_factors.items():
                 extended.update(self.scalars[name],
-                                lambda v, finite, factor=factor: keep_if_bad(v, v * factor, finite),
+                                lambda v, finite, factor=factor: v.assign(tf.where(finite, v * factor, v)),
                                 args=(finite,))
             extended.update(self.variables[STEP_VARIABLE], lambda v: v.assign_add(1))
 
@@ -185,3 +185,9 @@ class Trainer:
     def loss_sum(self, tokens, weights):
         """Summed token loss over tokens int32 [batch, n_ctx] (no update)."""
         return float(self._evaluate(self._split(tokens, 0), self._split(weights, 0)).numpy())
+
+
+def _as_op(result):
+    """tf.cond wants both branches to return the same structure: nothing."""
+    with tf.control_dependencies([result]):
+        return tf.no_op()

@@ -115,14 +115,14 @@ def test_optimizers_match_tf1(name):
         expected = sess.run(var)
         slot_names = sorted(v.op.name for v in v1.global_variables() if v.op.name != 'model/w')
     optimizer = OPTIMIZERS[name]()
-    state = {k: f() for k, f in optimizer.initial_state({'model/w': start.shape}).items()}
+    state = {k: tf.Variable(f()) for k, f in optimizer.initial_state({'model/w': start.shape}).items()}
     assert sorted(state) == slot_names  # the same checkpoint names as TF1
-    value = tf.constant(start)
+    value = tf.Variable(start)
     for g in grads:
         slots = [state[f'model/w/{s}'] for s in optimizer.slot_suffixes]
-        value, new_slots = optimizer.update(value, tf.constant(g), slots, dict(state), 0.01)
-        state.update({f'model/w/{s}': n for s, n in zip(optimizer.slot_suffixes, new_slots)})
-        state.update({k: state[k] * f for k, f in optimizer.scalar_factors.items()})
+        optimizer.apply(value, tf.constant(g), slots, {k: state[k].read_value() for k in state}, 0.01)
+        for k, f in optimizer.scalar_factors.items():
+            state[k].assign(state[k] * f)
     np.testing.assert_allclose(value.numpy(), expected, rtol=1e-5, atol=1e-7)
 
 
