@@ -93,7 +93,7 @@ def initial_values(base, resume, optimizer):
     import tensorflow as tf
     shapes = model.parameter_shapes(base.hparams)
     reader = tf.train.load_checkpoint(resume or base.checkpoint)
-    values = {name: (lambda name=name: reader.get_tensor(name).astype(np.float32)) for name in shapes}
+    values = {name: (lambda name=name: reader.get_tensor(name).astype(np.float32, copy=False)) for name in shapes}
     fresh = optimizer.initial_state(shapes)
     if resume is None:
         values.update(fresh)
