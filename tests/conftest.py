@@ -59,3 +59,7 @@ def no_vocab_env(monkeypatch):
     """No $GPT2JA_VOCAB_DIR, so vocabulary lookup depends on the test alone."""
     monkeypatch.delenv('GPT2JA_VOCAB_DIR', raising=False)
     return os.environ
+
+
+# The encoder branch's name for the shared folder (its fixtures are the same as above).
+SHARED_DIR = SHARED
