@@ -107,8 +107,11 @@ class Trainer:
         values = [tf.convert_to_tensor(p) for p in self.params]
         loss_sum, grads = self._gradients(values, tokens[0], weights[0], total_weight, loss_scale)
         for k in range(1, tokens.shape[0]):
-            more_loss, more_grads = self._gradients(values, tokens[k], weights[k], total_weight,
-                                                    loss_scale)
+            # One micro-batch after the other: run side by side, their activations would
+            # all be alive at once, which is what accumulation is meant to avoid.
+            with tf.control_dependencies(grads):
+                more_loss, more_grads = self._gradients(values, tokens[k], weights[k],
+                                                        total_weight, loss_scale)
             loss_sum += more_loss
             grads = [a + b for a, b in zip(grads, more_grads)]
         return loss_sum, grads
