@@ -225,3 +225,24 @@ def forward(params, tokens, *, hparams, past=None):
     logits = tf.reshape(tf.matmul(flat, params[f'{SCOPE}/wte'], transpose_b=True),
                         [batch, seq, hparams.n_vocab])
     return {'logits': logits, 'hidden': hidden, 'present': tf.stack(presents, axis=1)}
+
+
+def training_hidden(params, tokens, *, hparams, recompute=False):
+    """Final layer-normalised hidden states [batch, seq, n_embd] for training: `forward`
+    without the key/value cache. With `recompute`, each block's activations are recomputed
+    in the backward pass instead of kept (tf.recompute_grad): about a third more compute
+    for a fraction of the memory. `params` may hold variables or (cast) tensors."""
+    positions = tf.range(tf.shape(tokens)[1])
+    x = tf.gather(params[f'{SCOPE}/wte'], tokens) + tf.gather(params[f'{SCOPE}/wpe'], positions)
+    for layer in range(hparams.n_layer):
+        prefix = f'{SCOPE}/h{layer}'
+        names = [name for name in parameter_shapes(hparams) if name.startswith(prefix + '/')]
+        # The block's weights go in as arguments, so recompute_grad differentiates them
+        # like any input instead of having to find captured variables.
+        values = [tf.convert_to_tensor(params[name]) for name in names]
+
+        def run_block(x, *values, prefix=prefix, names=names):
+            return block(dict(zip(names, values)), prefix, x, past=None, hparams=hparams)[0]
+
+        x = (tf.recompute_grad(run_block) if recompute else run_block)(x, *values)
+    return layer_norm(x, params[f'{SCOPE}/ln_f/g'], params[f'{SCOPE}/ln_f/b'])

@@ -1,0 +1,138 @@
+"""One fine-tuning run from checked arguments: strategy, data, run directory, trainer, loop.
+
+`run_finetune.py` parses and checks the flags, prepares TensorFlow, then calls `run(args)`.
+Everything the user can get wrong is checked here before the first step.
+"""
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from cli import UsageError
+from finetune import data as data_module
+from finetune.loop import LoopConfig, Progress, train_loop
+from finetune.optimizers import make_optimizer
+from finetune.preview import decode_for_display, sample_tokens
+from finetune.run_dir import initial_values, save_run_checkpoint, start_run_dir
+from finetune.trainer import Trainer
+from model_dir import load_model_dir
+
+EOT_ID = 20572  # <|endoftext|>, the last id of the released vocabulary
+
+
+def make_strategy(name):
+    """The tf.distribute strategy for --strategy; create it before any other TensorFlow op."""
+    if name == 'multiworker':
+        if not os.environ.get('TF_CONFIG'):
+            raise UsageError('--strategy multiworker needs TF_CONFIG describing the cluster '
+                             '(see report/finetune.md)')
+        try:
+            config = json.loads(os.environ['TF_CONFIG'])
+            config['cluster'], config['task']
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f'TF_CONFIG is not a cluster description: {exc}') from None
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_logical_devices('GPU')
+    if name == 'mirrored' or (name == 'auto' and len(gpus) > 1):
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def is_chief(strategy):
+    """Only the chief writes checkpoints, summaries and prints samples."""
+    return strategy.extended.should_checkpoint
+
+
+def eot_id(hparams):
+    return min(EOT_ID, hparams.n_vocab - 1)
+
+
+def load_datasets(args, hparams):
+    """(training, validation or None) sequences, checked before training starts."""
+    load = lambda path: data_module.load_sequences(path, n_ctx=hparams.n_ctx, n_vocab=hparams.n_vocab,
+                                                   pad_id=eot_id(hparams))
+    train = load(args.dataset)
+    if args.val_dataset:
+        return train, load(args.val_dataset)
+    if args.val_fraction:
+        return data_module.split_validation(train, args.val_fraction)
+    return train, None
+
+
+def total_steps(args, sequences):
+    if args.max_steps is not None:
+        return args.max_steps
+    per_step = args.batch_size * args.accumulate_gradients
+    return math.ceil(args.epochs * len(sequences) / per_step)
+
+
+def summary_writer(run_dir, chief):
+    """`write(step, name, value)` appending a TensorBoard scalar to the run directory's event
+    file. Written with tf.summary.write and the scalars plugin's metadata, which is what
+    tf.summary.scalar does, because that needs the tensorboard package installed."""
+    if not chief:
+        return None
+    from tensorflow.core.framework import summary_pb2
+    writer = tf.summary.create_file_writer(str(run_dir))
+    metadata = summary_pb2.SummaryMetadata()
+    metadata.plugin_data.plugin_name = 'scalars'
+
+    def write(step, name, value):
+        with writer.as_default():
+            tf.summary.write(name, tf.constant(value, tf.float32), step=step,
+                             metadata=metadata.SerializeToString())
+    return write
+
+
+def run(args):
+    """Train as `args` say; returns the exit code (0 finished or interrupted, 1 stopped on
+    non-finite losses)."""
+    strategy = make_strategy(args.strategy)
+    if args.batch_size % strategy.num_replicas_in_sync:
+        raise UsageError(f'--batch_size {args.batch_size} must be a multiple of the '
+                         f'{strategy.num_replicas_in_sync} replicas (it is the global batch)')
+    base = load_model_dir(args.base_model, vocab_dir=args.vocab)
+    train, val = load_datasets(args, base.hparams)
+    run_dir = Path(args.checkpoint_dir) / args.run_name
+    chief = is_chief(strategy)
+    optimizer = make_optimizer(args.optim)
+    # Other workers start from the base model: MultiWorkerMirroredStrategy gives every
+    # variable the chief's initial value, resumed or not.
+    resume = start_run_dir(run_dir, base, args.optim) if chief else None
+    trainer = Trainer(hparams=base.hparams, optimizer=optimizer, strategy=strategy,
+                      initial=initial_values(base, resume, optimizer),
+                      precision=args.precision, recompute=args.recompute, xla=args.xla)
+    config = LoopConfig(batch_size=args.batch_size, max_steps=total_steps(args, train),
+                        learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
+                        accumulate=args.accumulate_gradients, seed=args.seed,
+                        save_every=args.save_every, keep=args.keep, val_every=args.val_every,
+                        sample_every=args.sample_every if chief else 0,
+                        max_bad_steps=args.max_bad_steps,
+                        dynamic_loss_scale=args.precision == 'float16')
+    progress = Progress(start=trainer.step_number(), total=config.max_steps, enabled=chief,
+                        tokens_per_step=args.batch_size * args.accumulate_gradients * base.hparams.n_ctx)
+    if resume:
+        progress.message(f'Resuming {resume} at step {trainer.step_number()}')
+
+    def save(step):
+        if chief:
+            prefix = save_run_checkpoint(run_dir, trainer.tensors(), step=step, keep=args.keep)
+            progress.message(f'Saving {prefix}')
+
+    def sample(step):
+        ids = sample_tokens(trainer.parameter_values(), base.hparams, start_id=eot_id(base.hparams),
+                            length=args.sample_length, seed=args.seed + step)
+        return decode_for_display(ids, base.vocab_dir)
+
+    result = train_loop(trainer, train, config, save=save, val_data=val, sample=sample,
+                        summaries=summary_writer(run_dir, chief), progress=progress)
+    if result.reason == 'non-finite':
+        print(f'{Path(sys.argv[0]).name}: stopped: the loss was not finite {args.max_bad_steps} '
+              f'steps in a row; step {result.step} holds the last good weights', file=sys.stderr)
+        return 1
+    return 0
+

@@ -1,0 +1,196 @@
+"""The training state (network, optimizer slots, step) as variables, and one training step.
+
+Written for tf.distribute from the start; on one device the default strategy runs the same
+code. Every variable is created under `strategy.scope()`, so a MirroredStrategy or
+MultiWorkerMirroredStrategy keeps a copy on every replica. One step:
+  1. each replica computes the summed token loss and its gradients over its share of the
+     global batch (K micro-batches for gradient accumulation, summed, so only one
+     micro-batch of activations is alive at a time);
+  2. the replica context all-reduces (sums) loss and gradients; dividing by the number of
+     real target tokens in the whole global batch makes them the large batch's mean;
+  3. if the loss and every gradient are finite, the optimizer updates every copy of every
+     variable (`merge_call` + `extended.update`, as TF's own optimizers do); else nothing
+     changes and the step reports it.
+The variables carry checkpoint names (`model/...`, `model/wte/Adam`, `beta1_power`,
+`global_step`), so `tensors()` is what a TF1-layout checkpoint holds.
+"""
+import numpy as np
+import tensorflow as tf
+
+import model
+
+COMPUTE_DTYPES = {'float32': tf.float32, 'bfloat16': tf.bfloat16, 'float16': tf.float16}
+STEP_VARIABLE = 'global_step'
+
+
+def token_loss_sum(values, tokens, weights, *, hparams, compute_dtype, recompute):
+    """Sum over the batch of the weighted next-token cross-entropy (float32).
+
+    values: parameter name -> float32 tensor; tokens int32 [batch, n_ctx];
+    weights float32 [batch, n_ctx - 1] (0 where the target is padding).
+    """
+    if compute_dtype != tf.float32:
+        values = {name: tf.cast(value, compute_dtype) for name, value in values.items()}
+    hidden = model.training_hidden(values, tokens, hparams=hparams, recompute=recompute)
+    # Only positions that have a next token are scored: [batch * (n_ctx - 1), n_embd].
+    flat = tf.reshape(hidden[:, :-1], [-1, hparams.n_embd])
+    logits = tf.matmul(flat, values[f'{model.SCOPE}/wte'], transpose_b=True)
+    losses = tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.reshape(tokens[:, 1:], [-1]), logits=tf.cast(logits, tf.float32))
+    return tf.reduce_sum(losses * tf.reshape(weights, [-1]))
+
+
+class Trainer:
+    """Variables and compiled step for one run. `initial`: checkpoint name -> zero-argument
+    function giving the initial numpy value (read lazily, to keep peak memory low)."""
+
+    def __init__(self, *, hparams, optimizer, initial, strategy=None, precision='float32',
+                 recompute=False, xla=False):
+        self.hparams = hparams
+        self.optimizer = optimizer
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.compute_dtype = COMPUTE_DTYPES[precision]
+        self.recompute = recompute
+        self.loss_scaling = precision == 'float16'
+        self.param_names = list(model.parameter_shapes(hparams))
+        with self.strategy.scope():
+            self.variables = {name: tf.Variable(make_value(), name=name.replace('/', '.'),
+                                                trainable=False)
+                              for name, make_value in initial.items()}
+        self.params = [self.variables[name] for name in self.param_names]
+        self.slots = [[self.variables[f'{name}/{suffix}'] for suffix in optimizer.slot_suffixes]
+                      for name in self.param_names]
+        self.scalars = {name: self.variables[name] for name in optimizer.scalar_factors}
+        self._gradients = tf.function(self._micro_batch_gradients, jit_compile=xla)
+        self._loss_sum = tf.function(self._micro_batch_loss, jit_compile=xla)
+        self._step = tf.function(self._distributed_step)
+        self._evaluate = tf.function(self._distributed_loss)
+
+    @property
+    def num_replicas(self):
+        return self.strategy.num_replicas_in_sync
+
+    def step_number(self):
+        return int(self.variables[STEP_VARIABLE].numpy())
+
+    def tensors(self):
+        """Checkpoint name -> this worker's copy of each variable (for saving; no copies)."""
+        return {name: self.strategy.experimental_local_results(variable)[0]
+                for name, variable in self.variables.items()}
+
+    def parameter_values(self):
+        return {name: self.tensors()[name] for name in self.param_names}
+
+    # -- inside one replica ------------------------------------------------------------
+    def _micro_batch_loss(self, values, tokens, weights):
+        return token_loss_sum(dict(zip(self.param_names, values)), tokens, weights,
+                              hparams=self.hparams, compute_dtype=self.compute_dtype,
+                              recompute=self.recompute)
+
+    def _micro_batch_gradients(self, values, tokens, weights, total_weight, loss_scale):
+        """(summed loss, gradients of summed loss / total_weight) of one micro-batch: its
+        share of the global batch's mean gradient. A pure function of tensors, so that it can
+        be XLA-compiled and run on any replica. The gradients come out of the tape already
+        normalised (and unscaled only where float16 needs a loss scale): each further
+        division would hold another copy of every gradient in memory."""
+        with tf.GradientTape() as tape:
+            tape.watch(values)
+            loss_sum = self._micro_batch_loss(values, tokens, weights)
+            objective = loss_sum * (loss_scale / total_weight)
+        grads = [tf.convert_to_tensor(g) for g in tape.gradient(objective, values)]
+        if self.loss_scaling:
+            grads = [g / loss_scale for g in grads]
+        return loss_sum, grads
+
+    def _accumulated_gradients(self, tokens, weights, total_weight, loss_scale):
+        """tokens [K, batch, n_ctx]: the K micro-batches' summed loss and gradients."""
+        values = [tf.convert_to_tensor(p) for p in self.params]
+        loss_sum, grads = self._gradients(values, tokens[0], weights[0], total_weight, loss_scale)
+        for k in range(1, tokens.shape[0]):
+            # One micro-batch after the other: run side by side, their activations would
+            # all be alive at once, which is what accumulation is meant to avoid.
+            with tf.control_dependencies(grads):
+                more_loss, more_grads = self._gradients(values, tokens[k], weights[k],
+                                                        total_weight, loss_scale)
+            loss_sum += more_loss
+            grads = [a + b for a, b in zip(grads, more_grads)]
+        return loss_sum, grads
+
+    def _replica_step(self, tokens, weights, total_weight, learning_rate, loss_scale):
+        loss_sum, grads = self._accumulated_gradients(tokens, weights, total_weight, loss_scale)
+        context = tf.distribute.get_replica_context()
+        loss_sum, grads = context.all_reduce(tf.distribute.ReduceOp.SUM, (loss_sum, grads))
+        loss = loss_sum / total_weight
+        finite = tf.reduce_all([tf.math.is_finite(loss)] +
+                               [tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        context.merge_call(self._apply, args=(grads, learning_rate, finite))
+        return loss, finite
+
+    # -- across replicas ---------------------------------------------------------------
+    def _apply(self, strategy, grads, learning_rate, finite):
+        """Update every copy of every variable, unless `finite` is false. Everything a
+        device's update reads goes in through `args`, which tf.distribute resolves to that
+        device's copy."""
+        extended = strategy.extended
+        scalar_names = list(self.scalars)
+
+        def apply_one(variable, grad, finite, learning_rate, *state):
+            scalars = dict(zip(scalar_names, (tf.convert_to_tensor(v) for v in state[:len(scalar_names)])))
+            slots = state[len(scalar_names):]
+            return tf.cond(finite, lambda: _as_op(self.optimizer.apply(
+                variable, grad, slots, scalars, learning_rate)), tf.no_op)
+
+        updates = []
+        for variable, grad, slots in zip(self.params, grads, self.slots):
+            updates.append(extended.update(
+                variable, apply_one, group=False,
+                args=(grad, finite, learning_rate, *self.scalars.values(), *slots)))
+        # The beta powers advance only after every variable has read them.
+        with tf.control_dependencies(tf.nest.flatten(updates)):
+            for name, factor in self.optimizer.scalar_factors.items():
+                extended.update(self.scalars[name],
+                                lambda v, finite, factor=factor: v.assign(tf.where(finite, v * factor, v)),
+                                args=(finite,))
+            extended.update(self.variables[STEP_VARIABLE], lambda v: v.assign_add(1))
+
+    def _distributed_step(self, tokens, weights, total_weight, learning_rate, loss_scale):
+        loss, finite = self.strategy.run(self._replica_step, args=(
+            tokens, weights, total_weight, learning_rate, loss_scale))
+        local = self.strategy.experimental_local_results
+        return local(loss)[0], local(finite)[0]
+
+    def _replica_loss(self, tokens, weights):
+        values = [tf.convert_to_tensor(p) for p in self.params]
+        loss_sum = self._loss_sum(values, tokens, weights)
+        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, loss_sum)
+
+    def _distributed_loss(self, tokens, weights):
+        return self.strategy.experimental_local_results(
+            self.strategy.run(self._replica_loss, args=(tokens, weights)))[0]
+
+    # -- called from the host ----------------------------------------------------------
+    def _split(self, array, axis):
+        """A global-batch numpy array as per-replica tensors: equal parts along `axis`."""
+        parts = np.split(array, self.num_replicas, axis=axis)
+        return self.strategy.experimental_distribute_values_from_function(
+            lambda context: tf.constant(parts[context.replica_id_in_sync_group]))
+
+    def train_step(self, tokens, weights, *, learning_rate, loss_scale=1.0):
+        """One optimizer step on the global batch: tokens int32 [K, batch, n_ctx] (K
+        micro-batches accumulated), weights float32 [K, batch, n_ctx - 1]; batch divisible by
+        the number of replicas. Returns (mean token loss, whether the update was applied)."""
+        loss, finite = self._step(self._split(tokens, 1), self._split(weights, 1),
+                                  tf.constant(max(float(weights.sum()), 1.0)),
+                                  tf.constant(learning_rate, tf.float32),
+                                  tf.constant(loss_scale, tf.float32))
+        return float(loss.numpy()), bool(finite.numpy())
+
+    def loss_sum(self, tokens, weights):
+        """Summed token loss over tokens int32 [batch, n_ctx] (no update)."""
+        return float(self._evaluate(self._split(tokens, 0), self._split(weights, 0)).numpy())
+
+
+def _as_op(result):
+    """tf.cond wants both branches to return the same structure: nothing."""
+    with tf.control_dependencies([result]):
+        return tf.no_op()
