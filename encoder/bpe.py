@@ -1,0 +1,325 @@
+"""The Japanese BPE encoder: text to token ids and back, exactly as ENCODER.md states.
+
+`get_encoder(vocab_dir)` reads the two vocabulary files and returns an `Encoder`.
+The steps are those of ENCODER.md; what makes them fast (and why each shortcut gives the
+same ids as the plain reading, kept in tests/plain_encoder.py) is said where it is done:
+  - emoji: only the keys that can occur are tried, still one after another in file order;
+  - longest match: tags are found with one regex, and the one- or two-character matches
+    of the text between them are computed with numpy over the whole text at once.
+"""
+import functools
+import re
+
+import numpy as np
+
+from encoder.clean import clean_text
+from encoder.vocab import VocabularyError, read_emoji, read_vocab
+
+END_OF_TEXT = '<|endoftext|>'
+# Step 1 of ENCODER.md, in its order ('\r\n' before its parts).
+WHITESPACE_REPLACEMENTS = [(' ', '<SP>'), ('\u3000', '<SP>'), ('\r\n', '<BR>'), ('\n', '<BR>'),
+                           ('\r', '<BR>'), ('\t', '<TAB>'), ('\u2014', 'ー'), ('\u2212', 'ー')]
+DECODED_TAGS = {'<SP>': ' ', '<BR>': '\n', '<TAB>': '\t'}
+TAG_START = '<'
+END_OF_KEY = ''  # marks, in the emoji trie, the node where a key ends
+# Beyond the last code point, so that a tag standing for itself in the code-point array
+# can never be mistaken for a character of the text.
+TAG_CODE_BASE = 0x110000
+
+
+def get_encoder(vocab_dir):
+    """The encoder for the vocabulary files (`ja-bpe.txt`, `emoji.json`) in `vocab_dir`."""
+    emoji, emoji_inv = read_emoji(vocab_dir)
+    return Encoder(read_vocab(vocab_dir), emoji, emoji_inv)
+
+
+def byte_token(byte):
+    return f'<|byte{byte}|>'
+
+
+def is_byte_token(token):
+    return token.startswith('<|byte') and token.endswith('|>')
+
+
+def is_emoji_token(token):
+    return token.startswith('<|emoji') and token.endswith('|>')
+
+
+def trie_regex(words):
+    """A regex matching the longest of `words` that starts where it is tried.
+
+    Built as a trie, so a match costs one step per character rather than one per word.
+    """
+    trie = {}
+    for word in words:
+        node = trie
+        for char in word:
+            node = node.setdefault(char, {})
+        node[''] = {}  # marks the end of a word
+
+    def pattern(node):
+        branches = [re.escape(char) + pattern(child) for char, child in node.items() if char]
+        if not branches:
+            return ''
+        group = '(?:' + '|'.join(branches) + ')'
+        # Greedy '?': a longer word is tried first, a shorter one is the fallback.
+        return group + '?' if '' in node else group
+
+    return re.compile(pattern(trie))
+
+
+def check_vocabulary_shape(tokens):
+    """The facts about the vocabulary that the fast longest match relies on."""
+    for token in tokens:
+        if TAG_START in token[1:]:
+            raise VocabularyError(f'unexpected vocabulary entry {token!r}: "<" inside an entry')
+        if len(token) > 2 and not token.startswith(TAG_START):
+            raise VocabularyError(
+                f'unexpected vocabulary entry {token!r}: only entries starting with "<" '
+                'may be longer than two characters')
+        if token == '' or any(ord(char) >= TAG_CODE_BASE for char in token):
+            raise VocabularyError(f'unexpected vocabulary entry {token!r}')
+    missing = [byte_token(b) for b in range(255) if byte_token(b) not in tokens]
+    if missing or END_OF_TEXT not in tokens:
+        raise VocabularyError(f'vocabulary lacks {(missing or [END_OF_TEXT])[0]}')
+
+
+class EmojiReplacer:
+    """Step 2 of ENCODER.md: each emoji key, in file order, replaced by its tag.
+
+    Done as ENCODER.md says, the step scans the text once per key (4,314 scans). Here the
+    places where keys occur are found first, and only those are rewritten, still key
+    after key in file order. That gives the same text because:
+      - no key can match across or inside a tag (checked when built: `tags_are_barriers`),
+        so a replacement never creates or breaks a match outside its own place;
+      - a cluster (the span covered by key occurrences that overlap one another) holds
+        every occurrence that touches it, so rewriting it alone, key after key, leaves it
+        as the whole-text pass would.
+    Where the first check fails (another vocabulary), the whole-text pass is used.
+    """
+
+    def __init__(self, emoji):
+        self.tags = dict(emoji)
+        self.keys = list(emoji)
+        self.max_key_length = max(map(len, self.keys))
+        index = {key: i for i, key in enumerate(self.keys)}
+        self.trie = {}
+        for key in self.keys:
+            node = self.trie
+            for char in key:
+                node = node.setdefault(char, {})
+            node[END_OF_KEY] = key
+        # For each key, the indices of the keys that are its prefixes (itself included):
+        # exactly the keys that match where it is the longest match.
+        self.prefix_keys = {key: [index[key[:n]] for n in range(1, len(key) + 1)
+                                  if key[:n] in index] for key in self.keys}
+        proper_prefixes = {key[:n] for key in self.keys for n in range(1, len(key))}
+        # Keys inside which another key may start and run past their end.
+        self.may_extend = {key for key in self.keys
+                           if any(key[j:] in proper_prefixes for j in range(1, len(key)))}
+        self.tags_are_barriers = not any(
+            key_meets_tag(key, tag) for tag in set(self.tags.values()) for key in self.keys)
+        self.start_filter = KeyStartFilter(self.keys)
+        self.rewrite_cluster = functools.lru_cache(maxsize=1 << 16)(self._rewrite_cluster)
+
+    def __call__(self, text):
+        if not self.tags_are_barriers:
+            return self.replace_in_order(text, self.keys)
+        pieces, pos = [], 0
+        for start in self.start_filter.candidates(text):
+            if start < pos or not (key := self.longest_key_at(text, start)):
+                continue
+            end = start + len(key)
+            if key in self.may_extend:
+                end = self._cluster_end(text, start, end)
+            pieces += [text[pos:start], self.rewrite_cluster(text[start:end])]
+            pos = end
+        pieces.append(text[pos:])
+        return ''.join(pieces)
+
+    def longest_key_at(self, text, position):
+        """The longest key that `text` holds at `position`, or None."""
+        node, found = self.trie, None
+        for char in text[position:position + self.max_key_length]:
+            node = node.get(char)
+            if node is None:
+                break
+            found = node.get(END_OF_KEY, found)
+        return found
+
+    def _cluster_end(self, text, start, end):
+        position = start + 1
+        while position < end:
+            if key := self.longest_key_at(text, position):
+                end = max(end, position + len(key))
+            position += 1
+        return end
+
+    def _rewrite_cluster(self, cluster):
+        found = {i for position in range(len(cluster))
+                 if (key := self.longest_key_at(cluster, position))
+                 for i in self.prefix_keys[key]}
+        return self.replace_in_order(cluster, [self.keys[i] for i in sorted(found)])
+
+    def replace_in_order(self, text, keys):
+        for key in keys:
+            text = text.replace(key, self.tags[key])
+        return text
+
+
+class KeyStartFilter:
+    """Finds, with numpy over the whole text, the few places where an emoji key may start:
+    a one-character key, or the first two characters of a longer one."""
+
+    def __init__(self, keys):
+        heads = {key[:2] for key in keys if len(key) > 1}
+        self.row = dense_index(head[0] for head in heads)
+        self.column = dense_index(head[1] for head in heads)
+        self.starts_pair = np.zeros((self.row.max() + 1, self.column.max() + 1), dtype=bool)
+        for head in heads:
+            self.starts_pair[self.row[ord(head[0])], self.column[ord(head[1])]] = True
+        self.is_key = np.zeros(TAG_CODE_BASE, dtype=bool)
+        self.is_key[[ord(key) for key in keys if len(key) == 1]] = True
+
+    def candidates(self, text):
+        """Positions in `text`, ascending, where some key may start (a superset)."""
+        codes = text_codes(text)
+        possible = self.is_key[codes]
+        possible[:-1] |= self.starts_pair[self.row[codes[:-1]], self.column[codes[1:]]]
+        return np.flatnonzero(possible).tolist()
+
+
+def text_codes(text):
+    """The code points of `text` as an int32 array. [len(text)]"""
+    return np.frombuffer(text.encode('utf-32-le'), dtype=np.int32).copy()
+
+
+def dense_index(chars, size=TAG_CODE_BASE):
+    """An array mapping the code of each of `chars` to 1, 2, ..., every other code to 0."""
+    index = np.zeros(size, dtype=np.int32)
+    distinct = sorted(set(chars))
+    index[[ord(char) for char in distinct]] = np.arange(1, len(distinct) + 1)
+    return index
+
+
+def key_meets_tag(key, tag):
+    """Whether an occurrence of `key` could overlap an occurrence of `tag` in any text."""
+    return (key in tag or tag in key
+            or any(tag.startswith(key[-n:]) or tag.endswith(key[:n]) for n in range(1, len(key))))
+
+
+class Encoder:
+    """Text to ids and back (ENCODER.md). `tokens[id]` is the vocabulary entry of `id`."""
+
+    def __init__(self, tokens, emoji, emoji_inv):
+        check_vocabulary_shape(tokens)
+        self.tokens = list(tokens)
+        self.ids = {token: i for i, token in enumerate(self.tokens)}
+        self.eot_id = self.ids[END_OF_TEXT]
+        self.replace_emoji = EmojiReplacer(emoji)
+        self.decoded = [emoji_inv.get(t, t) if is_emoji_token(t) else DECODED_TAGS.get(t, t)
+                        for t in self.tokens]
+        self.byte_ids = np.array([self.ids[byte_token(b)] for b in range(255)] + [-1])
+        tags = [t for t in self.tokens if t.startswith(TAG_START)]
+        self.tag_regex = trie_regex(tags)
+        self._build_match_tables()
+
+    def _build_match_tables(self):
+        # single_ids[code]: the id of the one-character entry `code`, or of the tag whose
+        # id is code - TAG_CODE_BASE; -1 where the character falls back to bytes.
+        self.single_ids = np.full(TAG_CODE_BASE + len(self.tokens), -1, dtype=np.int32)
+        self.single_ids[TAG_CODE_BASE:] = np.arange(len(self.tokens))
+        pairs = [token for token in self.tokens
+                 if len(token) == 2 and not token.startswith(TAG_START)]
+        for i, token in enumerate(self.tokens):
+            if len(token) == 1:
+                self.single_ids[ord(token)] = i
+        # Two-character entries as a dense table: pair_ids[row[first], column[second]].
+        # Row and column 0 stand for characters that begin or end no pair (-1 there).
+        self.pair_row = dense_index((token[0] for token in pairs), len(self.single_ids))
+        self.pair_column = dense_index((token[1] for token in pairs), len(self.single_ids))
+        self.pair_ids = np.full((self.pair_row.max() + 1, self.pair_column.max() + 1), -1,
+                                dtype=np.int32)
+        for token in pairs:
+            self.pair_ids[self.pair_row[ord(token[0])], self.pair_column[ord(token[1])]] = \
+                self.ids[token]
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def token_text(self, token_id):
+        """The vocabulary entry of `token_id`, as the original prints it."""
+        return self.tokens[token_id]
+
+    def encode(self, text, clean=False):
+        """The token ids of `text`; `clean` replaces URLs, dates, ... by tags first."""
+        for old, new in WHITESPACE_REPLACEMENTS:
+            text = text.replace(old, new)
+        text = self.replace_emoji(text)
+        if clean:
+            text = clean_text(text)
+        if not text:
+            return []
+        return self._longest_match(text)
+
+    def _longest_match(self, text):
+        # Every '<' starts a token: no entry holds a '<' after its first character, so no
+        # match can run over one. Each tag (or lone '<') then stands for itself as one code
+        # beyond Unicode, and the rest is matched by _match_pairs.
+        codes = text_codes(text)
+        spans = [(m.start(), m.end(), self.ids[m.group()]) for m in self.tag_regex.finditer(text)]
+        if spans:
+            starts, ends, tag_ids = np.array(spans, dtype=np.int32).T
+            codes[starts] = TAG_CODE_BASE + tag_ids
+            # Drop the characters after each tag's '<': +1 opens a tag's tail, -1 closes it.
+            depth = np.zeros(len(codes) + 1, dtype=np.int32)
+            depth[starts + 1] += 1
+            depth[ends] -= 1
+            codes = codes[np.cumsum(depth[:-1]) == 0]
+        return self._match_pairs(codes)
+
+    def _match_pairs(self, codes):
+        """Ids of the left-to-right longest match of `codes` (one or two characters each)."""
+        # pair_id[p]: id of the entry codes[p:p+2], or -1. [len(codes)]
+        pair_id = np.append(
+            self.pair_ids[self.pair_row[codes[:-1]], self.pair_column[codes[1:]]], -1)
+        has_pair = pair_id >= 0
+        # A token starts at p unless a pair started at p-1. Within a run of positions that
+        # all have a pair, pairs start at the run's first position and every second one.
+        positions = np.arange(len(codes), dtype=np.int32)
+        run_starts = has_pair & ~np.append(False, has_pair[:-1])
+        run_start = np.maximum.accumulate(np.where(run_starts, positions, 0))
+        pair_starts = has_pair & ((positions - run_start) & 1 == 0)
+        token_starts = ~np.append(False, pair_starts[:-1])
+        ids = np.where(pair_starts, pair_id, self.single_ids[codes])[token_starts]
+        unknown = ids < 0
+        if unknown.any():
+            ids = self._with_bytes(ids, unknown, codes[token_starts][unknown])
+        return ids.tolist()
+
+    def _with_bytes(self, ids, unknown, unknown_codes):
+        """`ids` with each unknown character replaced by the ids of its UTF-8 bytes."""
+        utf8 = ''.join(map(chr, unknown_codes.tolist())).encode('utf-8')
+        byte_ids = self.byte_ids[np.frombuffer(utf8, dtype=np.uint8)]
+        widths = np.ones(len(ids), dtype=np.int64)
+        widths[unknown] = 1 + (unknown_codes >= 0x80) + (unknown_codes >= 0x800) + (
+            unknown_codes >= 0x10000)
+        out = np.repeat(ids, widths)
+        out[np.repeat(unknown, widths)] = byte_ids
+        return out
+
+    def decode(self, ids):
+        """The text of `ids`: runs of byte tokens are read as UTF-8 (errors replaced)."""
+        words, pending_bytes = [], bytearray()
+        for token_id in ids:
+            token = self.tokens[token_id]
+            if is_byte_token(token):
+                pending_bytes.append(int(token[6:-2]))
+                continue
+            if pending_bytes:
+                words.append(pending_bytes.decode('utf-8', errors='replace'))
+                pending_bytes = bytearray()
+            words.append(self.decoded[token_id])
+        if pending_bytes:
+            words.append(pending_bytes.decode('utf-8', errors='replace'))
+        return ''.join(words)

@@ -1,0 +1,45 @@
+"""The clean-up of `encode(text, clean=True)`: full-width ASCII to half-width, then URLs,
+e-mail addresses, telephone numbers, dates and prices replaced by tags.
+
+The patterns reproduce those of the encoder the released models were trained with,
+quirks included (`2020年8月20日` becomes `<DATE>日`; ten bare digits are a `<TEL>`):
+`../shared/reference/encoder-cases.jsonl` pins them. Python's `\\d` is kept as it was
+(any Unicode digit), since that is what the original matched.
+"""
+import re
+
+import jaconv
+
+URL = r"(https?|ftp)(://[-_.!~*'()a-zA-Z0-9;/?:@&=+$,%#]+)"
+EMAIL = r'[A-Za-z0-9._+]*@[-_0-9A-Za-z]+(\.[A-Za-z]+)*'
+TEL = r'\(?[0-9]{2,4}[-()]?[0-9]{2,4}[-)]?[0-9]{3,4}'
+
+MONTH = r'(0?[1-9]|1[0-2])'
+DAY = r'(0?[1-9]|[12][0-9]|3[01])'
+WEEKDAY = r'\([日月火水木金土]\)'
+# What may trail a date: hours, minutes, colons and a weekday, in any order and number.
+DATE_TAIL = r'(\d{1,2}|:|\d{1,2}時|\d{1,2}分|' + WEEKDAY + r')*'
+WESTERN_DATE = r'([12]\d{3}[/\-年])*' + MONTH + r'[/\-月](' + DAY + r'日?)*' + DATE_TAIL
+ERA_DATE = r'(明治|大正|昭和|平成|令和)\d{1,2}年' + MONTH + '月' + DAY + '日' + DATE_TAIL
+
+NUMBER = r'(0|[1-9]\d*|[1-9]\d{0,2}(,\d{3})+)'
+CURRENCY = r'(千円|万円|千万円|円|千ドル|万ドル|千万ドル|ドル|千ユーロ|万ユーロ|千万ユーロ|ユーロ)'
+TAX = r'(\(税込\)|\(税抜\)|\+tax)'
+PRICE = (r'(' + NUMBER + r'*億)*(' + NUMBER + r'*万)*(' + NUMBER + r'*千)*'
+         + NUMBER + r'*' + CURRENCY + r'+' + TAX + r'*')
+
+# Order matters: a URL may hold an '@', and a date's digits could be read as a price.
+CLEAN_RULES = [(re.compile(pattern), tag) for pattern, tag in [
+    (URL, '<URL>'), (EMAIL, '<EMAIL>'), (TEL, '<TEL>'),
+    (WESTERN_DATE, '<DATE>'), (ERA_DATE, '<DATE>'), (PRICE, '<PRICE>'),
+]]
+
+
+def clean_text(text):
+    """`text` with full-width ASCII made half-width and URLs, e-mail addresses,
+    telephone numbers, dates and prices replaced by `<URL>`, `<EMAIL>`, `<TEL>`,
+    `<DATE>` and `<PRICE>`."""
+    text = jaconv.z2h(text, kana=False, digit=True, ascii=True)
+    for pattern, tag in CLEAN_RULES:
+        text = pattern.sub(tag, text)
+    return text
