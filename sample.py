@@ -1,0 +1,228 @@
+"""Sampling continuations from the network: the logits filters and the batched generation loop.
+
+Layers, from the bottom:
+- `filter_logits`, `top_k_filter`, `top_p_filter`, `suppress_token`: pure functions on
+  logits [batch, vocab] that set excluded tokens to -inf (the original's rules: temperature
+  divides the logits; top_p > 0 takes precedence over top_k; 0 disables each);
+- `BatchSampler`: the compiled per-token step for one batch size, holding a preallocated
+  key/value cache (`model.forward_cached`), so each new token costs one token's work;
+- `sample_batch`: continuations of a batch of contexts, each row stopping at end-of-text,
+  at a token budget, at the end of the window, or when the caller says it has enough;
+- `generate`: the simple entry point (token ids in, token ids out) for other modules;
+- `generate_texts`: what gpt2-generate.py needs: character limits, several rounds of the
+  window for long texts (re-fed with the most recent text), batches of samples.
+"""
+import dataclasses
+import math
+
+import numpy as np
+import tensorflow as tf
+
+import model
+
+# How the original continues past one window: the last 256 characters of the text so far
+# become the next context.
+REFEED_CHARACTERS = 256
+# The original retries a sample that ended before its first character, forever; we stop
+# retrying after this many tries and keep the empty sample.
+MAX_EMPTY_RETRIES = 10
+
+
+def top_k_filter(logits, k):
+    """Keep the k highest logits of each row (and any tied with the k-th); others -inf."""
+    k = min(int(k), logits.shape[-1])
+    kth = tf.math.top_k(logits, k=k, sorted=True).values[:, -1:]  # [batch, 1]
+    return tf.where(logits < kth, tf.constant(-math.inf, logits.dtype), logits)
+
+
+def top_p_filter(logits, p):
+    """Keep the smallest set of highest logits whose probabilities sum to at least p (nucleus
+    sampling, as the original: a token is kept while the mass of those above it is < p)."""
+    ranked = tf.sort(logits, axis=-1, direction='DESCENDING')                 # [batch, vocab]
+    mass_above = tf.cumsum(tf.nn.softmax(ranked, axis=-1), axis=-1, exclusive=True)
+    lowest_kept = tf.reduce_min(tf.where(mass_above < p, ranked, math.inf), axis=-1, keepdims=True)
+    return tf.where(logits < lowest_kept, tf.constant(-math.inf, logits.dtype), logits)
+
+
+def filter_logits(logits, *, top_k=0, top_p=0.0, temperature=1.0):
+    """Logits [batch, vocab] divided by temperature, then truncated by top_p (when > 0) or
+    else top_k (when > 0). Excluded tokens get -inf; sampling renormalises the rest."""
+    logits = logits / temperature
+    if top_p > 0:
+        return top_p_filter(logits, top_p)
+    if top_k > 0:
+        return top_k_filter(logits, top_k)
+    return logits
+
+
+def suppress_token(logits, token_id, rows):
+    """Set `token_id`'s logit to -inf in the rows where `rows` [batch] (bool) is True."""
+    is_token = tf.equal(tf.range(tf.shape(logits)[-1]), token_id)[None, :]   # [1, vocab]
+    return tf.where(tf.logical_and(rows[:, None], is_token),
+                    tf.constant(-math.inf, logits.dtype), logits)
+
+
+def draw(logits, rng):
+    """One token id a row from softmax(logits) [batch, vocab] (the Gumbel-max trick, which
+    needs only uniform noise, so one seeded tf.random.Generator makes runs reproducible)."""
+    tiny = np.finfo(np.float32).tiny  # > 0, so log(log) stays finite
+    uniform = rng.uniform(tf.shape(logits), minval=tiny, maxval=1.0, dtype=tf.float32)
+    return tf.argmax(logits - tf.math.log(-tf.math.log(uniform)), axis=-1, output_type=tf.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How tokens are chosen; see `filter_logits`. min_length counts generated tokens."""
+    top_k: int = 40
+    top_p: float = 0.0
+    temperature: float = 1.0
+    min_length: int = 0
+
+    def check(self, hparams):
+        """Raise ValueError (one line) for settings the sampler cannot honour."""
+        if self.top_k < 0:
+            raise ValueError(f'top_k must be 0 (no limit) or more, not {self.top_k}')
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f'top_p must be between 0 (off) and 1, not {self.top_p}')
+        if not self.temperature > 0:
+            raise ValueError(f'temperature must be greater than 0, not {self.temperature}')
+        if not 0 <= self.min_length <= hparams.n_ctx:
+            raise ValueError(f'min_length must be between 0 and the model window '
+                             f'({hparams.n_ctx} tokens), not {self.min_length}')
+
+
+def as_variables(params):
+    """Parameters as tf.Variables, so that compiled steps read them in place rather than
+    embedding 400 MB of constants in every traced graph. Variables are passed through."""
+    return {name: value if isinstance(value, tf.Variable) else tf.Variable(value, trainable=False)
+            for name, value in params.items()}
+
+
+class BatchSampler:
+    """The compiled sampling step of one model for a fixed batch size.
+
+    Holds the key/value cache (`model.new_kv_cache`): `start(contexts)` runs the contexts
+    through the network and samples each row's first token; `step(tokens, slot)` feeds the
+    previous tokens at cache slot `slot` and samples the next. Each step costs one token's
+    work whatever the slot. Shapes are static per batch size, so each function is traced once.
+    """
+
+    def __init__(self, params, hparams, *, batch_size, settings, eot_id, rng):
+        self.hparams, self.batch_size = hparams, batch_size
+        self.settings, self.eot_id, self.rng = settings, eot_id, rng
+        self.params = as_variables(params)
+        self.cache = model.new_kv_cache(hparams, batch_size=batch_size)
+        self._first_slot = tf.Variable(tf.zeros([batch_size], tf.int32), trainable=False)
+        batch = [batch_size]
+        self._start = tf.function(self._start_graph, input_signature=[
+            tf.TensorSpec([batch_size, None], tf.int32), tf.TensorSpec(batch, tf.int32),
+            tf.TensorSpec(batch, tf.bool)])
+        self._step = tf.function(self._step_graph, input_signature=[
+            tf.TensorSpec(batch, tf.int32), tf.TensorSpec([], tf.int32), tf.TensorSpec(batch, tf.bool)])
+
+    def _choose(self, logits, no_eot):
+        logits = suppress_token(logits, self.eot_id, no_eot)
+        s = self.settings
+        return draw(filter_logits(logits, top_k=s.top_k, top_p=s.top_p, temperature=s.temperature), self.rng)
+
+    def _start_graph(self, tokens, first_slot, no_eot):
+        self._first_slot.assign(first_slot)
+        out = model.forward_cached(self.params, tokens, hparams=self.hparams, cache=self.cache,
+                                   start=0, first_slot=first_slot)
+        return self._choose(out['logits'], no_eot)
+
+    def _step_graph(self, tokens, slot, no_eot):
+        out = model.forward_cached(self.params, tokens[:, None], hparams=self.hparams,
+                                   cache=self.cache, start=slot, first_slot=self._first_slot)
+        return self._choose(out['logits'], no_eot)
+
+    def start(self, contexts, no_eot):
+        """Left-pad `contexts` (lists of ids, 1..n_ctx long) to one length, fill the cache,
+        and sample the first tokens. Returns (first tokens [batch] numpy, next free slot)."""
+        length = max(len(c) for c in contexts)
+        padded = np.zeros([self.batch_size, length], np.int32)
+        first_slot = np.full([self.batch_size], length, np.int32)
+        for row, context in enumerate(contexts):
+            padded[row, length - len(context):] = context
+            first_slot[row] = length - len(context)
+        return self._start(padded, first_slot, np.asarray(no_eot)).numpy(), length
+
+    def step(self, tokens, slot, no_eot):
+        return self._step(np.asarray(tokens, np.int32), np.int32(slot), np.asarray(no_eot)).numpy()
+
+
+# Why a row of a batch stopped.
+END_OF_TEXT = 'end_of_text'   # it sampled <|endoftext|> (not included in its tokens)
+MAX_TOKENS = 'max_tokens'     # it has the tokens asked for
+WINDOW = 'window'             # the context window is full
+ENOUGH = 'enough'             # the caller's `enough` said so (e.g. enough characters)
+
+
+def sample_batch(sampler, contexts, *, max_tokens, generated_before=None, enough=None, on_step=None):
+    """Continuations of up to `sampler.batch_size` contexts, sampled together.
+
+    max_tokens: the most tokens a row may get (int, or a list a row);
+    generated_before: tokens each row already has from earlier rounds (counts for min_length);
+    enough(row, tokens) -> bool: asked after each new token; True stops the row;
+    on_step(row, tokens): called after each new token of a running row (streaming).
+    Stops as soon as every row has stopped. Returns [(tokens, reason)] a context.
+    """
+    n_rows, n_ctx = len(contexts), sampler.hparams.n_ctx
+    budgets = max_tokens if isinstance(max_tokens, (list, tuple)) else [max_tokens] * n_rows
+    before = list(generated_before or [0] * n_rows)
+    padding = sampler.batch_size - n_rows
+    contexts = [list(c) for c in contexts] + [[sampler.eot_id]] * padding
+    outputs = [[] for _ in range(n_rows)]
+    reasons = [None] * n_rows + [MAX_TOKENS] * padding   # padding rows are stopped from the start
+
+    def no_eot():
+        min_length = sampler.settings.min_length
+        return np.array([reasons[r] is None and r < n_rows and before[r] + len(outputs[r]) < min_length
+                         for r in range(sampler.batch_size)])
+
+    tokens, slot = sampler.start(contexts, no_eot())
+    while True:
+        for row in range(n_rows):
+            if reasons[row] is not None:
+                continue
+            token = int(tokens[row])
+            if token == sampler.eot_id:
+                reasons[row] = END_OF_TEXT
+                continue
+            outputs[row].append(token)
+            if on_step is not None:
+                on_step(row, outputs[row])
+            if len(outputs[row]) >= budgets[row]:
+                reasons[row] = MAX_TOKENS
+            elif enough is not None and enough(row, outputs[row]):
+                reasons[row] = ENOUGH
+            elif slot >= n_ctx:
+                reasons[row] = WINDOW
+        if all(reason is not None for reason in reasons):
+            return list(zip(outputs, reasons[:n_rows]))
+        tokens = sampler.step(tokens, slot, no_eot())
+        slot += 1
+
+
+def make_rng(seed):
+    """The random generator of one run: seeded (reproducible) or from the OS."""
+    if seed is None:
+        return tf.random.Generator.from_non_deterministic_state()
+    return tf.random.Generator.from_seed(seed)
+
+
+def generate(params, hparams, context_tokens, *, max_tokens, batch_size=1, top_k=40, top_p=0.0,
+             temperature=1.0, min_length=0, eot_id, seed=None):
+    """Sample `batch_size` continuations of one context (a list of token ids), together.
+
+    Each continuation is a list of ids, cut before the first end-of-text (`eot_id`), at most
+    `max_tokens` long, and ends where the window (hparams.n_ctx) is full. The context keeps
+    its last n_ctx - 1 tokens. See `filter_logits` for top_k, top_p and temperature;
+    min_length forbids end-of-text in the first min_length tokens. Same seed, same output.
+    """
+    settings = Settings(top_k=top_k, top_p=top_p, temperature=temperature, min_length=min_length)
+    settings.check(hparams)
+    context = list(context_tokens)[-(hparams.n_ctx - 1):] or [eot_id]
+    sampler = BatchSampler(params, hparams, batch_size=batch_size, settings=settings,
+                           eot_id=eot_id, rng=make_rng(seed))
+    return [tokens for tokens, _ in sample_batch(sampler, [context] * batch_size, max_tokens=max_tokens)]
