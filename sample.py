@@ -158,13 +158,13 @@ WINDOW = 'window'             # the context window is full
 ENOUGH = 'enough'             # the caller's `enough` said so (e.g. enough characters)
 
 
-def sample_batch(sampler, contexts, *, max_tokens, generated_before=None, enough=None, on_step=None):
+def sample_batch(sampler, contexts, *, max_tokens, generated_before=None, enough=None):
     """Continuations of up to `sampler.batch_size` contexts, sampled together.
 
     max_tokens: the most tokens a row may get (int, or a list a row);
     generated_before: tokens each row already has from earlier rounds (counts for min_length);
-    enough(row, tokens) -> bool: asked after each new token; True stops the row;
-    on_step(row, tokens): called after each new token of a running row (streaming).
+    enough(row, tokens) -> bool: asked after each new token of a running row (a hook for
+      character limits and streaming); True stops the row.
     Stops as soon as every row has stopped. Returns [(tokens, reason)] a context.
     """
     n_rows, n_ctx = len(contexts), sampler.hparams.n_ctx
@@ -177,31 +177,33 @@ def sample_batch(sampler, contexts, *, max_tokens, generated_before=None, enough
 
     def no_eot():
         min_length = sampler.settings.min_length
-        return np.array([reasons[r] is None and r < n_rows and before[r] + len(outputs[r]) < min_length
+        return np.array([reasons[r] is None and before[r] + len(outputs[r]) < min_length
                          for r in range(sampler.batch_size)])
 
     tokens, slot = sampler.start(contexts, no_eot())
     while True:
         for row in range(n_rows):
-            if reasons[row] is not None:
-                continue
-            token = int(tokens[row])
-            if token == sampler.eot_id:
-                reasons[row] = END_OF_TEXT
-                continue
-            outputs[row].append(token)
-            if on_step is not None:
-                on_step(row, outputs[row])
-            if len(outputs[row]) >= budgets[row]:
-                reasons[row] = MAX_TOKENS
-            elif enough is not None and enough(row, outputs[row]):
-                reasons[row] = ENOUGH
-            elif slot >= n_ctx:
-                reasons[row] = WINDOW
+            if reasons[row] is None:
+                reasons[row] = _take_token(int(tokens[row]), outputs[row], row, sampler.eot_id,
+                                           budgets[row], enough, window_full=slot >= n_ctx)
         if all(reason is not None for reason in reasons):
             return list(zip(outputs, reasons[:n_rows]))
         tokens = sampler.step(tokens, slot, no_eot())
         slot += 1
+
+
+def _take_token(token, output, row, eot_id, budget, enough, *, window_full):
+    """Append a row's new token; return why the row stops now, or None."""
+    if token == eot_id:
+        return END_OF_TEXT
+    output.append(token)
+    if len(output) >= budget:
+        return MAX_TOKENS
+    if enough is not None and enough(row, output):
+        return ENOUGH
+    if window_full:  # the token was sampled, but there is no slot left to feed it back
+        return WINDOW
+    return None
 
 
 def make_rng(seed):
@@ -226,3 +228,87 @@ def generate(params, hparams, context_tokens, *, max_tokens, batch_size=1, top_k
     sampler = BatchSampler(params, hparams, batch_size=batch_size, settings=settings,
                            eot_id=eot_id, rng=make_rng(seed))
     return [tokens for tokens, _ in sample_batch(sampler, [context] * batch_size, max_tokens=max_tokens)]
+
+
+def fit_context(tokens, hparams):
+    """The end of a context that leaves half the window for generating (as the original
+    does: at most n_ctx // 2 tokens). Returns (tokens kept, number dropped)."""
+    keep = hparams.n_ctx // 2
+    tokens = list(tokens)
+    if len(tokens) <= keep:
+        return tokens, 0
+    return tokens[-keep:], len(tokens) - keep
+
+
+@dataclasses.dataclass
+class TextSample:
+    """One sample of `generate_texts`: its text (at most max_length characters, cut before
+    the first end-of-text), all tokens generated for it, and why it stopped."""
+    index: int
+    context: list                 # the context of the next round
+    tokens: list = dataclasses.field(default_factory=list)
+    text: str = ''
+    stop_reason: str = None       # END_OF_TEXT or 'max_length'
+    empty_tries: int = 0
+
+
+MAX_LENGTH = 'max_length'
+
+
+def generate_texts(params, hparams, encoder, context_tokens, *, num_samples, max_length,
+                   settings, batch_size=8, seed=None, on_text=None, on_done=None):
+    """`num_samples` texts continuing `context_tokens`, sampled `batch_size` at a time.
+
+    A sample ends at end-of-text or once it has `max_length` characters (its text is cut
+    there; at most one token more is generated). When the window fills first, the sample
+    goes on in a new round whose context is its last REFEED_CHARACTERS characters, as the
+    original does. A sample that ends before its first character is retried (as the
+    original does, up to MAX_EMPTY_RETRIES times).
+    on_text(index, text): called as a sample's text grows (streaming);
+    on_done(sample): called as each sample finishes.
+    Returns the TextSamples in order.
+    """
+    settings.check(hparams)
+    first_context = fit_context(context_tokens, hparams)[0] or [encoder.eot_id]
+    rng, samplers = make_rng(seed), {}
+    samples = [TextSample(index=i, context=first_context) for i in range(num_samples)]
+    pending = list(samples)
+    while pending:
+        group, pending = pending[:batch_size], pending[batch_size:]
+        if len(group) not in samplers:
+            samplers[len(group)] = BatchSampler(params, hparams, batch_size=len(group), settings=settings,
+                                                eot_id=encoder.eot_id, rng=rng)
+
+        def enough(row, new_tokens, group=group):
+            text = encoder.decode(group[row].tokens + new_tokens)
+            if on_text is not None:
+                on_text(group[row].index, text[:max_length])
+            return len(text) >= max_length
+
+        results = sample_batch(samplers[len(group)], [s.context for s in group], max_tokens=hparams.n_ctx,
+                               generated_before=[len(s.tokens) for s in group], enough=enough)
+        for sample, (new_tokens, reason) in zip(group, results):
+            if _finish_round(sample, new_tokens, reason, encoder, hparams, first_context, max_length):
+                if on_done is not None:
+                    on_done(sample)
+            else:
+                pending.append(sample)
+    return samples
+
+
+def _finish_round(sample, new_tokens, reason, encoder, hparams, first_context, max_length):
+    """Record one round of a sample; True when the sample is finished, else set up its next
+    round (a retry or the continuation past the window)."""
+    sample.tokens += new_tokens
+    text = encoder.decode(sample.tokens)
+    if reason == END_OF_TEXT and not text and sample.empty_tries < MAX_EMPTY_RETRIES:
+        sample.empty_tries += 1
+        sample.tokens, sample.context = [], first_context
+        return False
+    if reason == WINDOW and len(text) < max_length:
+        refeed = encoder.encode(text[-REFEED_CHARACTERS:]) if text else first_context
+        sample.context = fit_context(refeed, hparams)[0]
+        return False
+    sample.text = text[:max_length]
+    sample.stop_reason = END_OF_TEXT if reason == END_OF_TEXT else MAX_LENGTH
+    return True
