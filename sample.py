@@ -161,13 +161,15 @@ ENOUGH = 'enough'             # the caller's `enough` said so (e.g. enough chara
 def sample_batch(sampler, contexts, *, max_tokens, generated_before=None, enough=None):
     """Continuations of up to `sampler.batch_size` contexts, sampled together.
 
-    max_tokens: the most tokens a row may get (int, or a list a row);
+    max_tokens: the most tokens a row may get (int, a list a row, or None: the window's);
     generated_before: tokens each row already has from earlier rounds (counts for min_length);
     enough(row, tokens) -> bool: asked after each new token of a running row (a hook for
       character limits and streaming); True stops the row.
     Stops as soon as every row has stopped. Returns [(tokens, reason)] a context.
     """
     n_rows, n_ctx = len(contexts), sampler.hparams.n_ctx
+    if max_tokens is None:
+        max_tokens = math.inf
     budgets = max_tokens if isinstance(max_tokens, (list, tuple)) else [max_tokens] * n_rows
     before = list(generated_before or [0] * n_rows)
     padding = sampler.batch_size - n_rows
@@ -285,7 +287,7 @@ def generate_texts(params, hparams, encoder, context_tokens, *, num_samples, max
                 on_text(group[row].index, text[:max_length])
             return len(text) >= max_length
 
-        results = sample_batch(samplers[len(group)], [s.context for s in group], max_tokens=hparams.n_ctx,
+        results = sample_batch(samplers[len(group)], [s.context for s in group], max_tokens=None,
                                generated_before=[len(s.tokens) for s in group], enough=enough)
         for sample, (new_tokens, reason) in zip(group, results):
             if _finish_round(sample, new_tokens, reason, encoder, hparams, first_context, max_length):
