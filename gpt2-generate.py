@@ -50,6 +50,9 @@ def build_parser():
                              'jsonl: one JSON object a sample (context, text, tokens, stop_reason)')
     output.add_argument('--batch_size', type=int, default=8,
                         help='how many samples are generated together (memory grows with it)')
+    output.add_argument('--xla', action='store_true',
+                        help='compile the per-token step with XLA: faster tokens after a few '
+                             'seconds of compiling (see report/generate.md for when it pays)')
     cli.add_common_flags(parser)
     return parser
 
@@ -97,7 +100,7 @@ def main(argv=None):
         samples = sample.generate_texts(
             loaded.load_parameters(), loaded.hparams, encoder, kept,
             num_samples=args.num_generate, max_length=args.max_length, settings=settings,
-            batch_size=args.batch_size, seed=args.seed,
+            batch_size=args.batch_size, seed=args.seed, xla=args.xla,
             on_text=shown.update if streaming else None, on_done=lambda _: progress.update())
     if streaming:
         shown.finish()

@@ -248,8 +248,9 @@ def forward(params, tokens, *, hparams, past=None):
 
 
 def kv_cache_shape(hparams, *, batch_size):
-    """One layer's preallocated key/value cache: [2 (keys, values), batch, heads, n_ctx, head_size]."""
-    return [2, batch_size, hparams.n_head, hparams.n_ctx, hparams.head_size]
+    """One layer's preallocated key/value cache: [n_ctx (slots), 2 (keys, values), batch, heads,
+    head_size]. Slot-major, so that a step writes one row in place and reads a prefix of rows."""
+    return [hparams.n_ctx, 2, batch_size, hparams.n_head, hparams.head_size]
 
 
 def new_kv_cache(hparams, *, batch_size):
@@ -273,7 +274,27 @@ def cached_attention_mask(start, length, first_slot, end):
     return tf.logical_and(causal, not_padding)[:, None]
 
 
-def forward_cached(params, tokens, *, hparams, cache, start, first_slot=None):
+def update_kv_cache(layer_cache, k, v, start, *, read_length=None):
+    """Write k, v [batch, heads, seq, head_size] at slots [start, start + seq) of one layer's
+    cache and return the keys and values of its first slots, each [batch, heads, slots, head_size]:
+    start + seq of them, or `read_length` (a static count, for XLA) when given.
+
+    scatter_update writes in place (a strided-slice assign would copy the whole cache), and
+    after it TensorFlow copies the whole variable on a plain read, so the prefix is read by
+    gather, which copies only the rows asked for.
+    """
+    slots = start + tf.range(tf.shape(k)[2])
+    new = tf.transpose(tf.stack([k, v]), [3, 0, 1, 2, 4])          # [seq, 2, batch, heads, head_size]
+    layer_cache.scatter_update(tf.IndexedSlices(new, slots))
+    if read_length is None:
+        rows = layer_cache.sparse_read(tf.range(slots[-1] + 1))    # [slots, 2, batch, heads, head_size]
+    else:  # XLA reads variables in place, so a static slice is free
+        rows = layer_cache[:read_length]
+    keys_values = tf.transpose(rows, [1, 2, 3, 0, 4])               # [2, batch, heads, count, head_size]
+    return keys_values[0], keys_values[1]
+
+
+def forward_cached(params, tokens, *, hparams, cache, start, first_slot=None, read_length=None):
     """Run the network on new tokens against a preallocated key/value cache.
 
     tokens: int [batch, seq], placed at cache slots [start, start + seq) (start + seq <= n_ctx);
@@ -281,26 +302,26 @@ def forward_cached(params, tokens, *, hparams, cache, start, first_slot=None):
       over slots [0, start + seq) only, so a token's cost grows with the text only through
       attention (a small share of the weights' cost), not through recomputation;
     first_slot: None or int [batch]: slots before it hold left padding in that row (rows with
-      shorter contexts); its token at slot s has position s - first_slot.
+      shorter contexts); its token at slot s has position s - first_slot;
+    read_length: None, or a static number of slots (>= start + seq) to attend over, masked
+      beyond the position: static shapes, as XLA needs.
     Same math as `forward` (they share the blocks). Returns a dict:
       logits [batch, n_vocab] at the last new token; hidden [batch, seq, n_embd].
     """
     tokens = tf.convert_to_tensor(tokens, tf.int32)
     batch, length = tf.shape(tokens)[0], tf.shape(tokens)[1]
     start = tf.convert_to_tensor(start, tf.int32)
-    end = start + length
     if first_slot is None:
         first_slot = tf.zeros([batch], tf.int32)
     positions = tf.maximum(start + tf.range(length)[None, :] - first_slot[:, None], 0)  # [batch, seq]
     x = tf.gather(params[f'{SCOPE}/wte'], tokens) + tf.gather(params[f'{SCOPE}/wpe'], positions)
-    mask = cached_attention_mask(start, length, first_slot, end)
+    mask = cached_attention_mask(start, length, first_slot, start + length if read_length is None else read_length)
 
     def cached_attention(layer_cache, prefix):
         def attend_with_cache(h):
             q, k, v = attention_heads(params, prefix, h, hparams=hparams)
-            layer_cache[:, :, :, start:end, :].assign(tf.stack([k, v]))
-            keys_values = layer_cache[:, :, :, :end, :]  # [2, batch, heads, end, head_size]
-            return attention_output(params, prefix, q, keys_values[0], keys_values[1], mask), None
+            k, v = update_kv_cache(layer_cache, k, v, start, read_length=read_length)
+            return attention_output(params, prefix, q, k, v, mask), None
         return attend_with_cache
 
     for layer, layer_cache in enumerate(cache):

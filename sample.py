@@ -98,18 +98,31 @@ def as_variables(params):
             for name, value in params.items()}
 
 
+XLA_MIN_SLOTS = 64
+
+
+def xla_read_length(slot, n_ctx):
+    """Slots a step at `slot` attends over under XLA: slot + 1 rounded up to a power of two."""
+    return min(n_ctx, max(XLA_MIN_SLOTS, 1 << slot.bit_length()))
+
+
 class BatchSampler:
     """The compiled sampling step of one model for a fixed batch size.
 
     Holds the key/value cache (`model.new_kv_cache`): `start(contexts)` runs the contexts
     through the network and samples each row's first token; `step(tokens, slot)` feeds the
-    previous tokens at cache slot `slot` and samples the next. Each step costs one token's
-    work whatever the slot. Shapes are static per batch size, so each function is traced once.
+    previous tokens at cache slot `slot` and samples the next. A step attends over the slots
+    filled so far only, so its cost hardly grows with the text. Shapes are static per batch
+    size, so each function is traced once.
+
+    xla: compile the step with XLA, which fuses the small element-wise ops between the
+    matrix products. XLA needs static shapes, so the slots attended over are rounded up to a
+    power of two (at least XLA_MIN_SLOTS), one compilation (a few seconds) for each.
     """
 
-    def __init__(self, params, hparams, *, batch_size, settings, eot_id, rng):
+    def __init__(self, params, hparams, *, batch_size, settings, eot_id, rng, xla=False):
         self.hparams, self.batch_size = hparams, batch_size
-        self.settings, self.eot_id, self.rng = settings, eot_id, rng
+        self.settings, self.eot_id, self.rng, self.xla = settings, eot_id, rng, xla
         self.params = as_variables(params)
         self.cache = model.new_kv_cache(hparams, batch_size=batch_size)
         self._first_slot = tf.Variable(tf.zeros([batch_size], tf.int32), trainable=False)
@@ -117,8 +130,21 @@ class BatchSampler:
         self._start = tf.function(self._start_graph, input_signature=[
             tf.TensorSpec([batch_size, None], tf.int32), tf.TensorSpec(batch, tf.int32),
             tf.TensorSpec(batch, tf.bool)])
-        self._step = tf.function(self._step_graph, input_signature=[
-            tf.TensorSpec(batch, tf.int32), tf.TensorSpec([], tf.int32), tf.TensorSpec(batch, tf.bool)])
+        self._step_signature = [tf.TensorSpec(batch, tf.int32), tf.TensorSpec([], tf.int32),
+                                tf.TensorSpec(batch, tf.bool)]
+        self._steps = {}  # slots attended over (None: as many as filled) -> traced step
+
+    def _step_for(self, slot):
+        read_length = xla_read_length(slot, self.hparams.n_ctx) if self.xla else None
+        if read_length not in self._steps:
+            def step_graph(tokens, slot, no_eot):
+                out = model.forward_cached(self.params, tokens[:, None], hparams=self.hparams,
+                                           cache=self.cache, start=slot, first_slot=self._first_slot,
+                                           read_length=read_length)
+                return self._choose(out['logits'], no_eot)
+            self._steps[read_length] = tf.function(step_graph, input_signature=self._step_signature,
+                                                   jit_compile=self.xla)
+        return self._steps[read_length]
 
     def _choose(self, logits, no_eot):
         logits = suppress_token(logits, self.eot_id, no_eot)
@@ -129,11 +155,6 @@ class BatchSampler:
         self._first_slot.assign(first_slot)
         out = model.forward_cached(self.params, tokens, hparams=self.hparams, cache=self.cache,
                                    start=0, first_slot=first_slot)
-        return self._choose(out['logits'], no_eot)
-
-    def _step_graph(self, tokens, slot, no_eot):
-        out = model.forward_cached(self.params, tokens[:, None], hparams=self.hparams,
-                                   cache=self.cache, start=slot, first_slot=self._first_slot)
         return self._choose(out['logits'], no_eot)
 
     def start(self, contexts, no_eot):
@@ -148,7 +169,8 @@ class BatchSampler:
         return self._start(padded, first_slot, np.asarray(no_eot)).numpy(), length
 
     def step(self, tokens, slot, no_eot):
-        return self._step(np.asarray(tokens, np.int32), np.int32(slot), np.asarray(no_eot)).numpy()
+        step = self._step_for(slot)
+        return step(np.asarray(tokens, np.int32), np.int32(slot), np.asarray(no_eot)).numpy()
 
 
 # Why a row of a batch stopped.
@@ -216,19 +238,20 @@ def make_rng(seed):
 
 
 def generate(params, hparams, context_tokens, *, max_tokens, batch_size=1, top_k=40, top_p=0.0,
-             temperature=1.0, min_length=0, eot_id, seed=None):
+             temperature=1.0, min_length=0, eot_id, seed=None, xla=False):
     """Sample `batch_size` continuations of one context (a list of token ids), together.
 
     Each continuation is a list of ids, cut before the first end-of-text (`eot_id`), at most
     `max_tokens` long, and ends where the window (hparams.n_ctx) is full. The context keeps
     its last n_ctx - 1 tokens. See `filter_logits` for top_k, top_p and temperature;
     min_length forbids end-of-text in the first min_length tokens. Same seed, same output.
+    xla: compile the step with XLA (see BatchSampler).
     """
     settings = Settings(top_k=top_k, top_p=top_p, temperature=temperature, min_length=min_length)
     settings.check(hparams)
     context = list(context_tokens)[-(hparams.n_ctx - 1):] or [eot_id]
     sampler = BatchSampler(params, hparams, batch_size=batch_size, settings=settings,
-                           eot_id=eot_id, rng=make_rng(seed))
+                           eot_id=eot_id, rng=make_rng(seed), xla=xla)
     return [tokens for tokens, _ in sample_batch(sampler, [context] * batch_size, max_tokens=max_tokens)]
 
 
@@ -258,7 +281,7 @@ MAX_LENGTH = 'max_length'
 
 
 def generate_texts(params, hparams, encoder, context_tokens, *, num_samples, max_length,
-                   settings, batch_size=8, seed=None, on_text=None, on_done=None):
+                   settings, batch_size=8, seed=None, xla=False, on_text=None, on_done=None):
     """`num_samples` texts continuing `context_tokens`, sampled `batch_size` at a time.
 
     A sample ends at end-of-text or once it has `max_length` characters (its text is cut
@@ -279,7 +302,7 @@ def generate_texts(params, hparams, encoder, context_tokens, *, num_samples, max
         group, pending = pending[:batch_size], pending[batch_size:]
         if len(group) not in samplers:
             samplers[len(group)] = BatchSampler(params, hparams, batch_size=len(group), settings=settings,
-                                                eot_id=encoder.eot_id, rng=rng)
+                                                eot_id=encoder.eot_id, rng=rng, xla=xla)
 
         def enough(row, new_tokens, group=group):
             text = encoder.decode(group[row].tokens + new_tokens)

@@ -233,3 +233,11 @@ def test_an_over_long_context_keeps_its_end_says_so_and_stderr_is_otherwise_clea
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and 'keeping its last 32' in lines[0], result.stderr
     assert 0 < len(result.stdout.strip()) <= 5
+
+
+def test_the_xla_step_samples_what_the_plain_step_does():
+    params = init_parameters(SMALL_VOCAB, seed=9)
+    kwargs = dict(max_tokens=SMALL_VOCAB.n_ctx, eot_id=EOT, batch_size=2, top_k=1, min_length=30)
+    plain = sample.generate(params, SMALL_VOCAB, [1, 2, 3], **kwargs)
+    assert sample.generate(params, SMALL_VOCAB, [1, 2, 3], xla=True, **kwargs) == plain
+    assert [len(tokens) for tokens in plain] == [SMALL_VOCAB.n_ctx - 2] * 2  # the window fills
