@@ -170,9 +170,10 @@ def attention_heads(params, prefix, x, *, hparams):
     return [split_heads(part, hparams.n_head) for part in tf.split(qkv, 3, axis=2)]
 
 
-def attention_output(params, prefix, q, k, v, mask):
-    """Attend q to k, v under `mask` (see `attend`) and project: [batch, seq, embd]."""
-    a = merge_heads(attend(q, k, v, mask))
+def attention_output(params, prefix, q, k, v, mask, *, attend_fn=None):
+    """Attend q to k, v under `mask` (see `attend`; `attend_fn` replaces it) and project:
+    [batch, seq, embd]."""
+    a = merge_heads((attend_fn or attend)(q, k, v, mask))
     return conv1d(a, params[f'{prefix}/c_proj/w'], params[f'{prefix}/c_proj/b'])
 
 
@@ -276,8 +277,8 @@ def cached_attention_mask(start, length, first_slot, end):
 
 def update_kv_cache(layer_cache, k, v, start, *, read_length=None):
     """Write k, v [batch, heads, seq, head_size] at slots [start, start + seq) of one layer's
-    cache and return the keys and values of its first slots, each [batch, heads, slots, head_size]:
-    start + seq of them, or `read_length` (a static count, for XLA) when given.
+    cache; return its first slots' keys and values, each [slots, batch, heads, head_size]:
+    start + seq slots, or `read_length` (a static count, for XLA) when given.
 
     scatter_update writes in place (a strided-slice assign would copy the whole cache), and
     after it TensorFlow copies the whole variable on a plain read, so the prefix is read by
@@ -290,8 +291,23 @@ def update_kv_cache(layer_cache, k, v, start, *, read_length=None):
         rows = layer_cache.sparse_read(tf.range(slots[-1] + 1))    # [slots, 2, batch, heads, head_size]
     else:  # XLA reads variables in place, so a static slice is free
         rows = layer_cache[:read_length]
-    keys_values = tf.transpose(rows, [1, 2, 3, 0, 4])               # [2, batch, heads, count, head_size]
-    return keys_values[0], keys_values[1]
+    return rows[:, 0], rows[:, 1]
+
+
+def attend_one_query(q, keys, values, mask):
+    """`attend` for a single query a row against slot-major keys and values [slots, batch,
+    heads, head_size]: q [batch, heads, 1, head_size]; mask [batch, 1, 1, slots].
+
+    The same math as `attend`, contracted as multiply-and-sum over the cache's own layout:
+    the cache is read once, with no transposed copy of it (which costs more than the
+    products themselves at one query a row).
+    """
+    scale = tf.math.rsqrt(tf.cast(q.shape[-1], q.dtype))
+    scores = tf.reduce_sum(keys * q[None, :, :, 0], axis=-1) * scale       # [slots, batch, heads]
+    scores = tf.transpose(scores, [1, 2, 0])[:, :, None, :]                 # [batch, heads, 1, slots]
+    scores = tf.where(mask, scores, tf.cast(scores.dtype.min, scores.dtype))
+    weights = tf.transpose(tf.nn.softmax(scores, axis=-1)[:, :, 0], [2, 0, 1])  # [slots, batch, heads]
+    return tf.reduce_sum(values * weights[..., None], axis=0)[:, :, None, :]   # [batch, heads, 1, head_size]
 
 
 def forward_cached(params, tokens, *, hparams, cache, start, first_slot=None, read_length=None):
@@ -316,12 +332,16 @@ def forward_cached(params, tokens, *, hparams, cache, start, first_slot=None, re
     positions = tf.maximum(start + tf.range(length)[None, :] - first_slot[:, None], 0)  # [batch, seq]
     x = tf.gather(params[f'{SCOPE}/wte'], tokens) + tf.gather(params[f'{SCOPE}/wpe'], positions)
     mask = cached_attention_mask(start, length, first_slot, start + length if read_length is None else read_length)
+    one_query = tokens.shape[1] == 1  # the per-token step: known when the step is traced
 
     def cached_attention(layer_cache, prefix):
         def attend_with_cache(h):
             q, k, v = attention_heads(params, prefix, h, hparams=hparams)
-            k, v = update_kv_cache(layer_cache, k, v, start, read_length=read_length)
-            return attention_output(params, prefix, q, k, v, mask), None
+            keys, values = update_kv_cache(layer_cache, k, v, start, read_length=read_length)
+            if one_query:
+                return attention_output(params, prefix, q, keys, values, mask, attend_fn=attend_one_query), None
+            keys, values = (tf.transpose(t, [1, 2, 0, 3]) for t in (keys, values))  # [batch, heads, slots, head_size]
+            return attention_output(params, prefix, q, keys, values, mask), None
         return attend_with_cache
 
     for layer, layer_cache in enumerate(cache):
