@@ -1,0 +1,218 @@
+"""Encoding a folder of .txt files into an .npz of token ids, and reading one back.
+
+Used by `python -m encoder` (encoder/__main__.py). The output matches the original
+gpt2-japanese `encode_bpe.py`: every file's text followed by `<|endoftext|>`, gathered
+file after file into a chunk until the chunk holds at least `combine` characters (the
+end-of-text tags counted), each chunk one array `arr_0`, `arr_1`, ... in file order.
+Only the last chunk may be shorter. Unlike the original, the order does not depend on
+the number of processes, the last chunk is cleaned like the others with --clean_text,
+and no chunk is written twice.
+
+Ids are stored as uint16 (all ids are below 65,536), a quarter of the original's int64.
+Readers that expect int64 work unchanged for loading, slicing, concatenating and feeding
+a model; cast with `.astype(np.int64)` before arithmetic that may leave 0..65535.
+"""
+import multiprocessing
+import os
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from cli import UsageError
+from encoder.bpe import END_OF_TEXT, get_encoder
+
+ID_DTYPE = np.uint16
+ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+@dataclass
+class Chunk:
+    """Whole files, each followed by `<|endoftext|>`, to be encoded as one array."""
+    text: str
+    files: int
+
+
+@dataclass
+class Totals:
+    files: int = 0
+    characters: int = 0
+    tokens: int = 0
+    skipped: int = 0
+
+
+def npz_path(dst_file):
+    """`dst_file` with `.npz` appended if absent, as np.savez names its output."""
+    path = Path(dst_file)
+    return path if path.name.endswith('.npz') else path.with_name(path.name + '.npz')
+
+
+def find_text_files(src_dir):
+    """Every .txt file under `src_dir`, recursively, sorted by path."""
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise UsageError(f'--src_dir {src_dir}: no such folder')
+    files = sorted(path for path in src.rglob('*.txt') if path.is_file())
+    if not files:
+        raise UsageError(f'--src_dir {src_dir}: no .txt files in it')
+    return files
+
+
+def read_text_files(files, on_bad_file, totals):
+    """The text of each file; a file that is not UTF-8 stops everything or is skipped."""
+    for path in files:
+        try:
+            yield path.read_text(encoding='utf-8')
+        except UnicodeDecodeError as exc:
+            if on_bad_file == 'stop':
+                raise UsageError(f'{path} is not UTF-8 ({exc.reason} at byte {exc.start}); '
+                                 'nothing was written (--on_bad_file skip leaves it out)')
+            print(f'skipping {path}: not UTF-8', file=sys.stderr)
+            totals.skipped += 1
+        except OSError as exc:
+            raise UsageError(f'cannot read {path}: {exc.strerror}') from None
+
+
+def gather_chunks(texts, combine):
+    """Chunks of whole texts, each text followed by `<|endoftext|>`: a chunk is closed as
+    soon as it holds at least `combine` characters; the last one may hold fewer."""
+    parts, length = [], 0
+    for text in texts:
+        parts += [text, END_OF_TEXT]
+        length += len(text) + len(END_OF_TEXT)
+        if length >= combine:
+            yield Chunk(''.join(parts), len(parts) // 2)
+            parts, length = [], 0
+    if parts:
+        yield Chunk(''.join(parts), len(parts) // 2)
+
+
+_worker_encoder = None
+
+
+def _start_worker(vocab_dir):
+    global _worker_encoder
+    _worker_encoder = get_encoder(vocab_dir)
+
+
+def _encode_chunk(text_and_clean):
+    text, clean = text_and_clean
+    return np.array(_worker_encoder.encode(text, clean=clean), dtype=ID_DTYPE)
+
+
+def encode_in_order(chunks, *, vocab_dir, clean, num_process):
+    """(chunk, ids) for each chunk, in order, encoded by `num_process` processes.
+
+    At most two chunks per process are read ahead, so memory is bounded by the chunk
+    size and the number of processes, not by the size of the corpus.
+    """
+    if num_process == 1:
+        _start_worker(vocab_dir)
+        for chunk in chunks:
+            yield chunk, _encode_chunk((chunk.text, clean))
+        return
+    slots = threading.Semaphore(2 * num_process)
+    pending = []  # the chunks handed to the pool, oldest first
+
+    def tasks():
+        for chunk in chunks:
+            slots.acquire()
+            pending.append(chunk)
+            yield chunk.text, clean
+
+    with multiprocessing.Pool(num_process, _start_worker, (vocab_dir,)) as pool:
+        for ids in pool.imap(_encode_chunk, tasks()):
+            slots.release()
+            yield pending.pop(0), ids
+
+
+def write_npz(dst, arrays):
+    """Write `arrays` as arr_0, arr_1, ... of an .npz (as np.savez) one at a time.
+
+    Written to a temporary file beside `dst`, which replaces `dst` only when all went
+    well: an existing `dst` is never left half overwritten.
+    """
+    if dst.is_dir():
+        raise UsageError(f'--dst_file {dst} is a folder')
+    try:
+        handle, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f'.{dst.name}.', suffix='.tmp')
+    except OSError as exc:
+        raise UsageError(f'cannot write {dst}: {exc.strerror}') from None
+    try:
+        with os.fdopen(handle, 'wb') as tmp, zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED) as npz:
+            for index, array in enumerate(arrays):
+                # A fixed time stamp, so the same corpus always gives the same bytes.
+                member = zipfile.ZipInfo(f'arr_{index}.npy', date_time=ZIP_DATE_TIME)
+                with npz.open(member, 'w', force_zip64=True) as f:
+                    np.lib.format.write_array(f, array, allow_pickle=False)
+        os.chmod(tmp_name, 0o666 & ~current_umask())  # mkstemp made it private
+        os.replace(tmp_name, dst)
+    except BaseException:
+        os.unlink(tmp_name)
+        raise
+
+
+def encode_folder(src_dir, dst_file, *, vocab_dir, combine=50000, clean=False,
+                  num_process=1, on_bad_file='stop', progress=True):
+    """Encode every .txt under `src_dir` into `dst_file` (.npz); returns the Totals."""
+    files = find_text_files(src_dir)
+    dst = npz_path(dst_file)
+    totals = Totals()
+    texts = read_text_files(files, on_bad_file, totals)
+    chunks = gather_chunks(texts, combine)
+
+    def arrays():
+        # The bar starts with the first chunk, after the destination proved writable.
+        with tqdm(total=len(files), unit='file', file=sys.stderr, disable=not progress) as bar:
+            for chunk, ids in encode_in_order(chunks, vocab_dir=vocab_dir, clean=clean,
+                                              num_process=num_process):
+                totals.files += chunk.files
+                totals.characters += len(chunk.text)
+                totals.tokens += len(ids)
+                bar.update(chunk.files)
+                bar.set_postfix(characters=totals.characters, refresh=False)
+                yield ids
+
+    write_npz(dst, arrays())
+    return totals
+
+
+def current_umask():
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def load_arrays(npz_file):
+    """The arrays of an .npz written by encode_folder (or np.savez), in order."""
+    try:
+        with np.load(npz_file) as npz:
+            names = sorted(npz.files, key=lambda name: int(name.rpartition('_')[2]))
+            return [npz[name] for name in names]
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise UsageError(f'cannot read {npz_file} as an .npz of token ids: {exc}') from None
+
+
+def decode_npz(npz_file, encoder, out):
+    """Write the text of each array of `npz_file`, in order, to `out`."""
+    for array in load_arrays(npz_file):
+        if array.size and (array.min() < 0 or array.max() >= len(encoder)):
+            raise UsageError(f'{npz_file} holds ids outside the vocabulary (0..{len(encoder) - 1})')
+        out.write(encoder.decode(array.tolist()))
+
+
+def summary_line(totals, seconds, dst):
+    skipped = f', {totals.skipped} skipped (not UTF-8)' if totals.skipped else ''
+    return (f'{totals.files} files{skipped}, {totals.characters:,} characters, '
+            f'{totals.tokens:,} tokens in {seconds:.1f} s -> {dst}')
+
+
+def timed(function, *args, **kwargs):
+    start = time.perf_counter()
+    return function(*args, **kwargs), time.perf_counter() - start

@@ -1,0 +1,154 @@
+"""The encoder gives the ids of the released models: the reference cases, and the same
+ids and text as the plain reading of ENCODER.md (tests/plain_encoder.py) on thousands of
+generated texts.
+
+Run: python3 -m pytest -q tests/test_encoder.py
+"""
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from encoder import Encoder, VocabularyError, get_encoder
+from encoder.bpe import EmojiReplacer
+from plain_encoder import PlainEncoder
+
+GENERATED = settings(max_examples=1000, derandomize=True, deadline=None,
+                     suppress_health_check=[HealthCheck.too_slow])
+
+JAPANESE = list('吾輩は猫である。名前はまだ無い、「」『』（）！？…・ー―‐日本語漢字カタカナｱｲｳ囧槑𠮷𩸽')
+PIECES = ['\u200d', '\ufe0f', '\u20e3', '🏻', '🏼', '🏿', '🇯', '🇵', '♀', '♂', '❤', '👍', '(', ')', '^',
+          '_', 'o', '>', '<', '|', '1', '#', '*']
+REGIONAL_INDICATORS = [chr(0x1F1E6 + i) for i in range(26)]
+WHITESPACE = [' ', '\u3000', '\r\n', '\r', '\n', '\t', '—', '−']
+TAGS = ['<BR>', '<SP>', '<TAB>', '<|endoftext|>', '<|emoji3|>', '<|byte12|>', '<URL>', '<SP',
+        '<|emo', '<|byte', '<|endoftext', '<>', '<<BR>>', '|>']
+CLEAN_BITS = ['2020年8月20日', '2021/3/13', '12/24', '10時30分', '(木)', '令和2年12月24日(金)',
+              '平成31年4月1日', '1,980円', '(税込)', '3億5000万ドル', '500千円', '+tax', '12万ユーロ',
+              'https://example.com/a?b=1&c=2', 'ftp://x.jp', 'info@example.co.jp', '@foo', '.',
+              '03-1234-5678', '(03)1234-5678', '0120', '１２３', 'ＡＢＣ＠ｅｘ．ｊｐ', '０３－１２３４',
+              '2', '0', '9', '99', ':', ',', '-', '/', '年', '月', '日', '円', 'ドル']
+
+
+@pytest.fixture(scope='module')
+def encoder(vocab_dir):
+    return get_encoder(vocab_dir)
+
+
+@pytest.fixture(scope='module')
+def plain(vocab_dir):
+    return PlainEncoder(vocab_dir)
+
+
+def reference_cases(shared_dir):
+    with open(shared_dir / 'reference' / 'encoder-cases.jsonl', encoding='utf-8') as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_reference_cases(encoder, shared_dir):
+    cases = reference_cases(shared_dir)
+    assert len(cases) == 80
+    for case in cases:
+        ids = encoder.encode(case['text'], clean=case['clean'])
+        assert ids == case['ids'], case['text']
+        assert encoder.decode(ids) == case['decoded'], case['text']
+
+
+def test_plain_encoder_matches_reference_cases(plain, shared_dir):
+    # The plain reading is the yardstick for the fast one, so it must itself be right.
+    for case in reference_cases(shared_dir):
+        assert plain.encode(case['text'], clean=case['clean']) == case['ids'], case['text']
+
+
+def test_vocabulary_attributes(encoder):
+    assert len(encoder) == 20573 == len(encoder.tokens)
+    assert encoder.eot_id == 20572
+    assert encoder.token_text(encoder.eot_id) == '<|endoftext|>'
+    assert encoder.encode('<|endoftext|>') == [encoder.eot_id]
+    ids = encoder.encode('猫 😀')
+    assert [encoder.token_text(i) for i in ids] == ['猫', '<SP>', '<|emoji1|>']
+
+
+def fragments(emoji_keys, clean):
+    key_piece = st.sampled_from(emoji_keys).flatmap(
+        lambda key: st.tuples(st.integers(0, len(key)), st.integers(0, len(key))).map(
+            lambda ends: key[min(ends):max(ends)]))
+    # Flags are pairs of regional indicators, so a run of them holds overlapping keys.
+    regional_indicators = st.lists(st.sampled_from(REGIONAL_INDICATORS), min_size=2,
+                                   max_size=5).map(''.join)
+    key_then_piece = st.tuples(st.sampled_from(emoji_keys), key_piece).map(''.join)
+    choices = [
+        regional_indicators, key_then_piece, st.sampled_from(JAPANESE), st.characters(min_codepoint=32, max_codepoint=126),
+        st.sampled_from(emoji_keys), key_piece, st.sampled_from(PIECES),
+        st.sampled_from(WHITESPACE), st.sampled_from(TAGS),
+        st.characters(min_codepoint=0xFF01, max_codepoint=0xFF5E),  # full-width ASCII
+        st.characters(codec='utf-8', exclude_categories=['Cs']),  # anything, often bytes
+    ]
+    if clean:
+        choices.append(st.sampled_from(CLEAN_BITS))
+    return st.one_of(choices)
+
+
+def texts(emoji_keys, clean):
+    return st.lists(fragments(emoji_keys, clean), max_size=40).map(''.join)
+
+
+@GENERATED
+@given(data=st.data())
+def test_generated_texts_match_plain_encoder(encoder, plain, data):
+    text = data.draw(texts(list(plain.emoji), clean=False))
+    ids = encoder.encode(text)
+    assert ids == plain.encode(text)
+    assert encoder.decode(ids) == plain.decode(ids)
+
+
+@GENERATED
+@given(data=st.data())
+def test_generated_texts_with_clean_match_plain_encoder(encoder, plain, data):
+    text = data.draw(texts(list(plain.emoji), clean=True))
+    ids = encoder.encode(text, clean=True)
+    assert ids == plain.encode(text, clean=True)
+    assert encoder.decode(ids) == plain.decode(ids)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(data=st.data())
+def test_decode_of_any_ids_matches_plain_encoder(encoder, plain, data):
+    ids = data.draw(st.lists(st.one_of(st.integers(0, len(encoder) - 1),
+                                       st.integers(20316, 20571)),  # byte tokens, often
+                             max_size=30))
+    assert encoder.decode(ids) == plain.decode(ids)
+
+
+def test_long_texts_match_plain_encoder(encoder, plain, shared_dir):
+    mixed = (shared_dir / 'corpus' / 'mixed-sns.txt').read_text(encoding='utf-8')[:20000]
+    for clean in (False, True):
+        assert encoder.encode(mixed, clean=clean) == plain.encode(mixed, clean=clean)
+
+
+def test_emoji_order_decides_overlaps():
+    # '🏻' comes first, so '👍🏻' can no longer match once it is replaced.
+    replace = EmojiReplacer({'🏻': '<|emoji1|>', '👍🏻': '<|emoji2|>', '👍': '<|emoji3|>'})
+    assert replace('a👍🏻b') == 'a<|emoji3|><|emoji1|>b'
+    replace = EmojiReplacer({'👍🏻': '<|emoji2|>', '🏻': '<|emoji1|>'})
+    assert replace('a👍🏻🏻') == 'a<|emoji2|><|emoji1|>'
+
+
+def test_emoji_falls_back_to_whole_text_pass_where_a_tag_can_complete_a_key():
+    # The tag of 'x' ends in 'T>', which with the 'y' after it makes the later key 'T>y'.
+    replace = EmojiReplacer({'x': '<T>', 'T>y': '<U>'})
+    assert not replace.tags_are_barriers
+    assert replace('xy') == '<<U>'
+
+
+def test_unexpected_vocabulary_shape_is_refused():
+    tokens = ['a', 'abc'] + [f'<|byte{b}|>' for b in range(255)] + ['<|endoftext|>']
+    with pytest.raises(VocabularyError, match='abc'):
+        Encoder(tokens, {}, {})
+
+
+def test_lone_surrogate_is_refused_like_the_original(encoder, plain):
+    for enc in (encoder, plain):
+        with pytest.raises(UnicodeEncodeError):
+            enc.encode('猫\ud800')
