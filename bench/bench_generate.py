@@ -59,17 +59,24 @@ def main():
     print(f'machine: {cpu_name()}, {os.cpu_count()} cores; TensorFlow {tf.__version__}; '
           f'intra-op threads {tf.config.threading.get_intra_op_parallelism_threads() or "default"}')
 
-    # (c) bandwidth, as a good kernel sees it: y = M x over a matrix of the model's size.
+    # (c) bandwidth, as a good kernel sees it: y = M x over a matrix of the model's size, the
+    # fastest of three TensorFlow formulations (plain M x, plain x^T M^T, XLA M x).
     matrix = tf.Variable(tf.random.normal([weight_bytes // 4 // hparams.n_embd, hparams.n_embd]))
     vector = tf.random.normal([hparams.n_embd, 1])
-    matvec = tf.function(lambda: tf.reduce_sum(tf.matmul(matrix, vector)))
-    matvec_s = best_of(lambda: matvec().numpy(), repeats=repeats, inner=5)
+    kernels = {
+        'M x': tf.function(lambda: tf.reduce_sum(tf.matmul(matrix, vector))),
+        'x^T M^T': tf.function(lambda: tf.reduce_sum(tf.matmul(vector, matrix, transpose_a=True, transpose_b=True))),
+        'M x (XLA)': tf.function(lambda: tf.reduce_sum(tf.matmul(matrix, vector)), jit_compile=True),
+    }
+    matvec = {name: best_of(lambda: f().numpy(), repeats=repeats, inner=5) for name, f in kernels.items()}
+    print('matvec over the weights\' size: ' + ', '.join(f'{name} {s * 1e3:.1f} ms' for name, s in matvec.items()))
+    matvec_s = min(matvec.values())
     bandwidth = weight_bytes / matvec_s
     del matrix
 
     floor = weight_bytes / bandwidth
     print(f'weights read a token: {weight_bytes / 1e6:.0f} MB; float32 matvec over a matrix of '
-          f'that size: {matvec_s * 1e3:.1f} ms = {bandwidth / 1e9:.1f} GB/s -> floor {floor * 1e3:.1f} ms/token')
+          f'that size (best): {matvec_s * 1e3:.1f} ms = {bandwidth / 1e9:.1f} GB/s -> floor {floor * 1e3:.1f} ms/token')
     for xla in (False, True):
         report_mode(params, hparams, floor=floor, xla=xla, repeats=repeats, length=args.length)
 
