@@ -8,6 +8,7 @@ The sampling itself lives in sample.py.
 """
 import json
 import sys
+from pathlib import Path
 
 import cli
 
@@ -67,6 +68,10 @@ def check_args(args):
         raise cli.UsageError(f'--top_p must be between 0 (off) and 1, not {args.top_p}')
     if not args.temperature > 0:
         raise cli.UsageError(f'--temperature must be greater than 0, not {args.temperature}')
+    if args.output_file:
+        target = Path(args.output_file)
+        if target.is_dir() or not target.parent.is_dir():
+            raise cli.UsageError(f'--output_file {target}: not a file in an existing directory')
 
 
 def main(argv=None):
@@ -107,7 +112,10 @@ def main(argv=None):
         return 0
     text = format_samples(samples, args.format, context=args.context)
     if args.output_file:
-        write_text_atomic(args.output_file, text)
+        try:
+            write_text_atomic(args.output_file, text)
+        except OSError as exc:
+            raise cli.UsageError(f'cannot write --output_file {args.output_file}: {exc}') from None
     else:
         sys.stdout.write(text)
     return 0

@@ -215,7 +215,7 @@ def test_one_sample_streams_to_a_terminal(generate_script, capsys, tiny_model_di
 
 @pytest.mark.parametrize('args, fragment', [
     (['--top_k', '-1'], '--top_k'), (['--top_p', '1.5'], '--top_p'),
-    (['--temperature', '0'], '--temperature')])
+    (['--temperature', '0'], '--temperature'), (['--output_file', '/no/such/dir/out.txt'], '--output_file')])
 def test_bad_sampling_flags_are_one_line_errors(args, fragment):
     # Checked before TensorFlow loads, so these subprocesses are quick.
     assert_usage_error(run_script('gpt2-generate.py', '--model', 'nowhere', *args), fragment)
