@@ -164,20 +164,31 @@ def attend(q, k, v, mask):
     return tf.matmul(tf.nn.softmax(scores, axis=-1), v)
 
 
+def attention_heads(params, prefix, x, *, hparams):
+    """The queries, keys and values of x [batch, seq, embd], each [batch, heads, seq, head_size]."""
+    qkv = conv1d(x, params[f'{prefix}/c_attn/w'], params[f'{prefix}/c_attn/b'])
+    return [split_heads(part, hparams.n_head) for part in tf.split(qkv, 3, axis=2)]
+
+
+def attention_output(params, prefix, q, k, v, mask, *, attend_fn=None):
+    """Attend q to k, v under `mask` (see `attend`; `attend_fn` replaces it) and project:
+    [batch, seq, embd]."""
+    a = merge_heads((attend_fn or attend)(q, k, v, mask))
+    return conv1d(a, params[f'{prefix}/c_proj/w'], params[f'{prefix}/c_proj/b'])
+
+
 def attention(params, prefix, x, *, past, hparams):
     """Masked self-attention of one block. x [batch, seq, embd]; past None or
     [batch, 2, heads, past_seq, head_size]. Returns (output [batch, seq, embd],
     present [batch, 2, heads, seq, head_size]: this call's keys and values)."""
-    qkv = conv1d(x, params[f'{prefix}/c_attn/w'], params[f'{prefix}/c_attn/b'])
-    q, k, v = [split_heads(part, hparams.n_head) for part in tf.split(qkv, 3, axis=2)]
+    q, k, v = attention_heads(params, prefix, x, hparams=hparams)
     present = tf.stack([k, v], axis=1)
     if past is not None:
         past_k, past_v = tf.unstack(past, axis=1)
         k = tf.concat([past_k, k], axis=-2)
         v = tf.concat([past_v, v], axis=-2)
     mask = causal_mask(tf.shape(q)[2], tf.shape(k)[2])
-    a = merge_heads(attend(q, k, v, mask))
-    return conv1d(a, params[f'{prefix}/c_proj/w'], params[f'{prefix}/c_proj/b']), present
+    return attention_output(params, prefix, q, k, v, mask), present
 
 
 def mlp(params, prefix, x):
@@ -187,11 +198,24 @@ def mlp(params, prefix, x):
 
 def block(params, prefix, x, *, past, hparams):
     """One pre-norm transformer block; returns (x, present) as `attention` does."""
-    a, present = attention(params, f'{prefix}/attn', layer_norm(x, params[f'{prefix}/ln_1/g'], params[f'{prefix}/ln_1/b']),
-                           past=past, hparams=hparams)
+    return residual_block(params, prefix, x, lambda h: attention(
+        params, f'{prefix}/attn', h, past=past, hparams=hparams))
+
+
+def residual_block(params, prefix, x, attend_fn):
+    """A pre-norm block around any attention: `attend_fn(normalised x)` -> (output, extra).
+    Returns (x, extra); forward() and forward_cached() differ only in their attention."""
+    a, extra = attend_fn(layer_norm(x, params[f'{prefix}/ln_1/g'], params[f'{prefix}/ln_1/b']))
     x = x + a
     x = x + mlp(params, f'{prefix}/mlp', layer_norm(x, params[f'{prefix}/ln_2/g'], params[f'{prefix}/ln_2/b']))
-    return x, present
+    return x, extra
+
+
+def unembed(params, hidden, *, hparams):
+    """Logits [rows, n_vocab] of final hidden states [rows, n_embd] (tied to wte)."""
+    # One 2-D matmul: the largest product in the network, and 2-D is the fastest path on
+    # every backend.
+    return tf.matmul(hidden, params[f'{SCOPE}/wte'], transpose_b=True)
 
 
 def past_shape(hparams, *, batch_size=None, sequence=None):
@@ -218,12 +242,9 @@ def forward(params, tokens, *, hparams, past=None):
         x, present = block(params, f'{SCOPE}/h{layer}', x, past=layer_past, hparams=hparams)
         presents.append(present)
     hidden = layer_norm(x, params[f'{SCOPE}/ln_f/g'], params[f'{SCOPE}/ln_f/b'])
-    # [batch * seq, n_embd] x [n_vocab, n_embd]^T as one 2-D matmul: the largest product in
-    # the network, and 2-D is the fastest path on every backend.
     batch, seq = tf.shape(tokens)[0], tf.shape(tokens)[1]
     flat = tf.reshape(hidden, [batch * seq, hparams.n_embd])
-    logits = tf.reshape(tf.matmul(flat, params[f'{SCOPE}/wte'], transpose_b=True),
-                        [batch, seq, hparams.n_vocab])
+    logits = tf.reshape(unembed(params, flat, hparams=hparams), [batch, seq, hparams.n_vocab])
     return {'logits': logits, 'hidden': hidden, 'present': tf.stack(presents, axis=1)}
 
 
@@ -246,3 +267,106 @@ def training_hidden(params, tokens, *, hparams, recompute=False):
 
         x = (tf.recompute_grad(run_block) if recompute else run_block)(x, *values)
     return layer_norm(x, params[f'{SCOPE}/ln_f/g'], params[f'{SCOPE}/ln_f/b'])
+
+
+def kv_cache_shape(hparams, *, batch_size):
+    """One layer's preallocated key/value cache: [n_ctx (slots), 2 (keys, values), batch, heads,
+    head_size]. Slot-major, so that a step writes one row in place and reads a prefix of rows."""
+    return [hparams.n_ctx, 2, batch_size, hparams.n_head, hparams.head_size]
+
+
+def new_kv_cache(hparams, *, batch_size):
+    """A zero key/value cache for `forward_cached`: one float32 tf.Variable a layer.
+
+    Variables, because they are updated in place: writing one token's keys and values costs
+    one token's bytes, where a tensor passed in and out would be copied whole every step.
+    """
+    shape = kv_cache_shape(hparams, batch_size=batch_size)
+    return [tf.Variable(tf.zeros(shape, tf.float32), trainable=False, name=f'kv_cache_h{layer}')
+            for layer in range(hparams.n_layer)]
+
+
+def cached_attention_mask(start, length, first_slot, end):
+    """[batch, 1, length, end] booleans for queries at slots [start, start + length): each sees
+    the slots from its row's `first_slot` [batch] (earlier ones hold left padding) up to its own."""
+    query = start + tf.range(length)[:, None]      # [length, 1]
+    key = tf.range(end)[None, :]                   # [1, end]
+    causal = (key <= query)[None]                  # [1, length, end]
+    not_padding = key[None] >= first_slot[:, None, None]  # [batch, 1, end]
+    return tf.logical_and(causal, not_padding)[:, None]
+
+
+def update_kv_cache(layer_cache, k, v, start, *, read_length=None):
+    """Write k, v [batch, heads, seq, head_size] at slots [start, start + seq) of one layer's
+    cache; return its first slots' keys and values, each [slots, batch, heads, head_size]:
+    start + seq slots, or `read_length` (a static count, for XLA) when given.
+
+    scatter_update writes in place (a strided-slice assign would copy the whole cache), and
+    after it TensorFlow copies the whole variable on a plain read, so the prefix is read by
+    gather, which copies only the rows asked for.
+    """
+    slots = start + tf.range(tf.shape(k)[2])
+    new = tf.transpose(tf.stack([k, v]), [3, 0, 1, 2, 4])          # [seq, 2, batch, heads, head_size]
+    layer_cache.scatter_update(tf.IndexedSlices(new, slots))
+    if read_length is None:
+        rows = layer_cache.sparse_read(tf.range(slots[-1] + 1))    # [slots, 2, batch, heads, head_size]
+    else:  # XLA reads variables in place, so a static slice is free
+        rows = layer_cache[:read_length]
+    return rows[:, 0], rows[:, 1]
+
+
+def attend_one_query(q, keys, values, mask):
+    """`attend` for a single query a row against slot-major keys and values [slots, batch,
+    heads, head_size]: q [batch, heads, 1, head_size]; mask [batch, 1, 1, slots].
+
+    The same math as `attend`, contracted as multiply-and-sum over the cache's own layout:
+    the cache is read once, with no transposed copy of it (which costs more than the
+    products themselves at one query a row).
+    """
+    scale = tf.math.rsqrt(tf.cast(q.shape[-1], q.dtype))
+    scores = tf.reduce_sum(keys * q[None, :, :, 0], axis=-1) * scale       # [slots, batch, heads]
+    scores = tf.transpose(scores, [1, 2, 0])[:, :, None, :]                 # [batch, heads, 1, slots]
+    scores = tf.where(mask, scores, tf.cast(scores.dtype.min, scores.dtype))
+    weights = tf.transpose(tf.nn.softmax(scores, axis=-1)[:, :, 0], [2, 0, 1])  # [slots, batch, heads]
+    return tf.reduce_sum(values * weights[..., None], axis=0)[:, :, None, :]   # [batch, heads, 1, head_size]
+
+
+def forward_cached(params, tokens, *, hparams, cache, start, first_slot=None, read_length=None):
+    """Run the network on new tokens against a preallocated key/value cache.
+
+    tokens: int [batch, seq], placed at cache slots [start, start + seq) (start + seq <= n_ctx);
+    cache: `new_kv_cache(...)`; this call writes the new keys and values into it and attends
+      over slots [0, start + seq) only, so a token's cost grows with the text only through
+      attention (a small share of the weights' cost), not through recomputation;
+    first_slot: None or int [batch]: slots before it hold left padding in that row (rows with
+      shorter contexts); its token at slot s has position s - first_slot;
+    read_length: None, or a static number of slots (>= start + seq) to attend over, masked
+      beyond the position: static shapes, as XLA needs.
+    Same math as `forward` (they share the blocks). Returns a dict:
+      logits [batch, n_vocab] at the last new token; hidden [batch, seq, n_embd].
+    """
+    tokens = tf.convert_to_tensor(tokens, tf.int32)
+    batch, length = tf.shape(tokens)[0], tf.shape(tokens)[1]
+    start = tf.convert_to_tensor(start, tf.int32)
+    if first_slot is None:
+        first_slot = tf.zeros([batch], tf.int32)
+    positions = tf.maximum(start + tf.range(length)[None, :] - first_slot[:, None], 0)  # [batch, seq]
+    x = tf.gather(params[f'{SCOPE}/wte'], tokens) + tf.gather(params[f'{SCOPE}/wpe'], positions)
+    mask = cached_attention_mask(start, length, first_slot, start + length if read_length is None else read_length)
+    one_query = tokens.shape[1] == 1  # the per-token step: known when the step is traced
+
+    def cached_attention(layer_cache, prefix):
+        def attend_with_cache(h):
+            q, k, v = attention_heads(params, prefix, h, hparams=hparams)
+            keys, values = update_kv_cache(layer_cache, k, v, start, read_length=read_length)
+            if one_query:
+                return attention_output(params, prefix, q, keys, values, mask, attend_fn=attend_one_query), None
+            keys, values = (tf.transpose(t, [1, 2, 0, 3]) for t in (keys, values))  # [batch, heads, slots, head_size]
+            return attention_output(params, prefix, q, keys, values, mask), None
+        return attend_with_cache
+
+    for layer, layer_cache in enumerate(cache):
+        prefix = f'{SCOPE}/h{layer}'
+        x, _ = residual_block(params, prefix, x, cached_attention(layer_cache, f'{prefix}/attn'))
+    hidden = layer_norm(x, params[f'{SCOPE}/ln_f/g'], params[f'{SCOPE}/ln_f/b'])
+    return {'logits': unembed(params, hidden[:, -1], hparams=hparams), 'hidden': hidden}

@@ -1,0 +1,151 @@
+"""Generate Japanese text with a gpt2ja model: the original gpt2-generate.py's flags and output.
+
+    python gpt2-generate.py --model model/gpt2ja-small --context "吾輩は猫である。" --num_generate 3
+
+Samples go to stdout (or --output_file), separated by a line `========`; each is the
+continuation only, cut at the first <|endoftext|> and at --max_length characters.
+The sampling itself lives in sample.py.
+"""
+import json
+import sys
+from pathlib import Path
+
+import cli
+
+SEPARATOR = '========'
+DEFAULT_CONTEXT = '<|endoftext|>'
+
+
+def build_parser():
+    parser = cli.ArgumentParser(description=__doc__.split('\n\n')[0])
+    source = parser.add_argument_group('model and context')
+    source.add_argument('--model', default='gpt2ja-medium',
+                        help='model directory (checkpoint, hparams.json, usually the vocabulary)')
+    source.add_argument('--vocab', default=None,
+                        help='directory of ja-bpe.txt and emoji.json, when not in the model directory')
+    source.add_argument('--context', default=DEFAULT_CONTEXT,
+                        help='text to continue; <|endoftext|> (or empty) generates from nothing. '
+                             'A context longer than half the window keeps its end (noted on stderr)')
+    sampling = parser.add_argument_group('sampling')
+    sampling.add_argument('--top_k', type=int, default=40,
+                          help='sample from the k most likely tokens only; 0 = no limit')
+    sampling.add_argument('--top_p', type=float, default=0,
+                          help='sample from the smallest set of tokens holding this much probability '
+                               '(0 < p <= 1; takes precedence over --top_k); 0 = off')
+    sampling.add_argument('--temperature', type=float, default=1,
+                          help='divide the logits by this (> 0); lower is more predictable')
+    sampling.add_argument('--min_length', type=int, default=0,
+                          help='no <|endoftext|> in the first N generated tokens (at most the window)')
+    sampling.add_argument('--seed', type=int, default=None,
+                          help='random seed: the same seed and flags give the same samples')
+    output = parser.add_argument_group('output')
+    output.add_argument('--num_generate', type=int, default=5, help='how many samples')
+    output.add_argument('--max_length', type=int, default=500,
+                        help='the most characters a sample has; past one window, generation goes '
+                             'on with the last 256 characters of the sample as context, as the '
+                             'original does')
+    output.add_argument('--output_file', default='',
+                        help='write the samples here (replaced when complete) instead of stdout')
+    output.add_argument('--format', choices=('text', 'jsonl'), default='text',
+                        help='text: samples separated by "========" lines, as the original; '
+                             'jsonl: one JSON object a sample (context, text, tokens, stop_reason)')
+    output.add_argument('--batch_size', type=int, default=8,
+                        help='how many samples are generated together (memory grows with it)')
+    output.add_argument('--xla', action='store_true',
+                        help='compile the per-token step with XLA: faster tokens after a few '
+                             'seconds of compiling (see report/generate.md for when it pays)')
+    cli.add_common_flags(parser)
+    return parser
+
+
+def check_args(args):
+    """Reject what can be rejected before the model loads (one line each)."""
+    for name, low in (('num_generate', 1), ('max_length', 1), ('batch_size', 1),
+                      ('min_length', 0), ('top_k', 0)):
+        if getattr(args, name) < low:
+            raise cli.UsageError(f'--{name} must be at least {low}, not {getattr(args, name)}')
+    if not 0 <= args.top_p <= 1:
+        raise cli.UsageError(f'--top_p must be between 0 (off) and 1, not {args.top_p}')
+    if not args.temperature > 0:
+        raise cli.UsageError(f'--temperature must be greater than 0, not {args.temperature}')
+    if args.output_file:
+        target = Path(args.output_file)
+        if target.is_dir() or not target.parent.is_dir():
+            raise cli.UsageError(f'--output_file {target}: not a file in an existing directory')
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    cli.prepare_tensorflow(verbose=args.verbose, gpu=args.gpu)
+    from tqdm import tqdm
+
+    import sample
+    from model_dir import load_model_dir, write_text_atomic
+
+    loaded = load_model_dir(args.model, vocab_dir=args.vocab)
+    settings = sample.Settings(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+                               min_length=args.min_length)
+    try:
+        settings.check(loaded.hparams)
+    except ValueError as exc:
+        raise cli.UsageError(f'--{exc}') from None
+    encoder = loaded.load_encoder()
+    context_tokens = encoder.encode(args.context or DEFAULT_CONTEXT)
+    kept, dropped = sample.fit_context(context_tokens, loaded.hparams)
+    if dropped:
+        print(f'note: the context is {len(context_tokens)} tokens; keeping its last {len(kept)} '
+              f'(half the {loaded.hparams.n_ctx}-token window)', file=sys.stderr)
+
+    streaming = (args.num_generate == 1 and args.format == 'text' and not args.output_file
+                 and sys.stdout.isatty())
+    shown = StreamedText() if streaming else None
+    with tqdm(total=args.num_generate, desc='samples', unit='sample', file=sys.stderr,
+              disable=args.num_generate < 2, leave=False) as progress:
+        samples = sample.generate_texts(
+            loaded.load_parameters(), loaded.hparams, encoder, kept,
+            num_samples=args.num_generate, max_length=args.max_length, settings=settings,
+            batch_size=args.batch_size, seed=args.seed, xla=args.xla,
+            on_text=shown.update if streaming else None, on_done=lambda _: progress.update())
+    if streaming:
+        shown.finish()
+        return 0
+    text = format_samples(samples, args.format, context=args.context)
+    if args.output_file:
+        try:
+            write_text_atomic(args.output_file, text)
+        except OSError as exc:
+            raise cli.UsageError(f'cannot write --output_file {args.output_file}: {exc}') from None
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def format_samples(samples, form, *, context):
+    """The whole output: the original's text layout, or one JSON object a line."""
+    if form == 'jsonl':
+        return ''.join(json.dumps({'context': context, 'text': s.text, 'tokens': s.tokens,
+                                   'stop_reason': s.stop_reason}, ensure_ascii=False) + '\n'
+                       for s in samples)
+    return f'{SEPARATOR}\n'.join(s.text + '\n' for s in samples)
+
+
+class StreamedText:
+    """Prints a growing text to stdout as it arrives (only what is new each time)."""
+
+    def __init__(self):
+        self.printed = ''
+
+    def update(self, _index, text):
+        if text.startswith(self.printed):  # a partly decoded character may still change
+            sys.stdout.write(text[len(self.printed):])
+            sys.stdout.flush()
+            self.printed = text
+
+    def finish(self):
+        sys.stdout.write('\n')
+        sys.stdout.flush()
+
+
+if __name__ == '__main__':
+    cli.run_main(main)

@@ -1,0 +1,243 @@
+"""Sampling and gpt2-generate.py: the cached step, the sampling distribution, stopping, output."""
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import model
+import sample
+from conftest import TINY
+from helpers import REPO, assert_usage_error, run_script
+from model import HParams, forward, forward_cached, init_parameters, new_kv_cache
+
+SMALL_VOCAB = HParams(n_vocab=97, n_ctx=32, n_embd=32, n_head=4, n_layer=3)
+EOT = SMALL_VOCAB.n_vocab - 1
+
+
+@pytest.fixture(scope='module')
+def generate_script():
+    spec = importlib.util.spec_from_file_location('gpt2_generate', REPO / 'gpt2-generate.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_main(script, capsys, *args):
+    assert script.main([str(a) for a in args]) == 0
+    return capsys.readouterr()
+
+
+# --- the cached step -------------------------------------------------------------------
+
+def test_cached_step_gives_the_logits_of_recomputing_at_every_position():
+    params = init_parameters(SMALL_VOCAB, seed=3)
+    tokens = np.random.default_rng(0).integers(0, SMALL_VOCAB.n_vocab, size=(2, 20))
+    full = forward(params, tokens, hparams=SMALL_VOCAB)['logits'].numpy()
+    cache = new_kv_cache(SMALL_VOCAB, batch_size=2)
+    out = forward_cached(params, tokens[:, :6], hparams=SMALL_VOCAB, cache=cache, start=0)
+    np.testing.assert_allclose(out['logits'].numpy(), full[:, 5], rtol=1e-4, atol=1e-5)
+    for position in range(6, 20):
+        out = forward_cached(params, tokens[:, position:position + 1], hparams=SMALL_VOCAB,
+                             cache=cache, start=position)
+        np.testing.assert_allclose(out['logits'].numpy(), full[:, position], rtol=1e-4, atol=1e-5)
+
+
+def test_left_padded_rows_give_the_logits_of_their_own_context():
+    params = init_parameters(SMALL_VOCAB, seed=4)
+    short, long = [5, 6, 7], [1, 2, 3, 4, 5, 6]
+    cache = new_kv_cache(SMALL_VOCAB, batch_size=2)
+    out = forward_cached(params, [[0, 0, 0] + short, long], hparams=SMALL_VOCAB, cache=cache,
+                         start=0, first_slot=tf.constant([3, 0]))
+    step = forward_cached(params, [[9], [9]], hparams=SMALL_VOCAB, cache=cache, start=6,
+                          first_slot=tf.constant([3, 0]))
+    for row, context in enumerate([short, long]):
+        alone = forward(params, [context + [9]], hparams=SMALL_VOCAB)['logits'].numpy()[0]
+        np.testing.assert_allclose(out['logits'].numpy()[row], alone[-2], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(step['logits'].numpy()[row], alone[-1], rtol=1e-4, atol=1e-5)
+
+
+# --- the sampling distribution ---------------------------------------------------------
+
+def truncated_softmax(logits, *, top_k, top_p, temperature):
+    """The distribution the sampler must draw from, computed independently in numpy."""
+    z = np.asarray(logits, np.float64) / temperature
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    order = np.argsort(-z, kind='stable')
+    if top_p > 0:
+        mass_above = np.concatenate([[0.0], np.cumsum(probs[order])[:-1]])
+        kept = order[mass_above < top_p]
+    elif top_k > 0:
+        kept = order[:top_k]
+    else:
+        kept = order
+    out = np.zeros_like(probs)
+    out[kept] = probs[kept]
+    return out / out.sum()
+
+
+@pytest.mark.parametrize('top_k, top_p, temperature', [
+    (0, 0.0, 1.0), (5, 0.0, 1.0), (10, 0.0, 0.7), (40, 0.6, 1.0), (3, 0.9, 1.5)])
+def test_first_tokens_follow_the_truncated_renormalised_softmax(top_k, top_p, temperature):
+    params = init_parameters(SMALL_VOCAB, seed=6)
+    # Sharpen the output so that truncation matters (random init is nearly uniform).
+    params['model/wte'] = params['model/wte'] * 12
+    context = [3, 1, 4, 1, 5]
+    draws = 6000
+    logits = forward(params, [context], hparams=SMALL_VOCAB)['logits'].numpy()[0, -1]
+    expected = truncated_softmax(logits, top_k=top_k, top_p=top_p, temperature=temperature)
+    settings = sample.Settings(top_k=top_k, top_p=top_p, temperature=temperature)
+    sampler = sample.BatchSampler(params, SMALL_VOCAB, batch_size=draws, settings=settings,
+                                  eot_id=EOT, rng=sample.make_rng(1234))
+    first, _ = sampler.start([context] * draws, np.zeros(draws, bool))
+    counts = np.bincount(first, minlength=SMALL_VOCAB.n_vocab)
+    assert counts[expected == 0].sum() == 0, 'a token outside the truncation was drawn'
+    kept = expected > 0
+    chi2 = (((counts[kept] - draws * expected[kept]) ** 2) / (draws * expected[kept])).sum()
+    dof = max(kept.sum() - 1, 1)
+    assert chi2 < dof + 6 * np.sqrt(2 * dof), (chi2, dof)
+
+
+def test_filters_keep_ties_and_top_p_keeps_at_least_one_token():
+    logits = tf.constant([[1.0, 3.0, 3.0, 0.5, 2.0]])
+    assert np.isfinite(sample.top_k_filter(logits, 2).numpy()).tolist() == [[False, True, True, False, False]]
+    assert np.isfinite(sample.top_p_filter(logits, 1e-6).numpy()).sum() >= 1
+
+
+# --- stopping --------------------------------------------------------------------------
+
+def eot_loving_parameters():
+    """A model whose every prediction is end-of-text, by far."""
+    params = init_parameters(SMALL_VOCAB, seed=7)
+    direction = np.random.default_rng(0).normal(size=SMALL_VOCAB.n_embd).astype(np.float32)
+    params['model/ln_f/g'] = np.zeros_like(params['model/ln_f/g'])
+    params['model/ln_f/b'] = direction
+    params['model/wte'][EOT] = direction * 10
+    return params
+
+
+def test_min_length_forbids_end_of_text_in_the_first_tokens():
+    params = eot_loving_parameters()
+    assert sample.generate(params, SMALL_VOCAB, [1, 2], max_tokens=20, eot_id=EOT, top_k=1) == [[]]
+    out = sample.generate(params, SMALL_VOCAB, [1, 2], max_tokens=20, eot_id=EOT, top_k=1,
+                          min_length=5, batch_size=2, seed=0)
+    assert [len(tokens) for tokens in out] == [5, 5]
+    assert all(EOT not in tokens for tokens in out)
+
+
+def test_generation_stops_at_max_tokens_and_is_reproducible_with_a_seed():
+    params = init_parameters(SMALL_VOCAB, seed=8)
+    kwargs = dict(max_tokens=7, eot_id=EOT, batch_size=3, top_k=0, min_length=7)
+    a = sample.generate(params, SMALL_VOCAB, [1, 2, 3], seed=5, **kwargs)
+    b = sample.generate(params, SMALL_VOCAB, [1, 2, 3], seed=5, **kwargs)
+    c = sample.generate(params, SMALL_VOCAB, [1, 2, 3], seed=6, **kwargs)
+    assert a == b != c
+    assert [len(tokens) for tokens in a] == [7, 7, 7]
+
+
+def test_settings_outside_their_ranges_are_rejected():
+    for bad in (dict(top_k=-1), dict(top_p=1.5), dict(top_p=-0.1), dict(temperature=0),
+                dict(min_length=SMALL_VOCAB.n_ctx + 1)):
+        with pytest.raises(ValueError):
+            sample.Settings(**bad).check(SMALL_VOCAB)
+
+
+# --- gpt2-generate.py ------------------------------------------------------------------
+
+def test_greedy_generation_of_tiny_a_reproduces_the_reference(generate_script, capsys,
+                                                              reference_dir, vocab_dir):
+    expected = json.loads((reference_dir / 'tiny-a-expected.json').read_text(encoding='utf-8'))
+    for case in expected['greedy']:
+        out = run_main(generate_script, capsys, '--model', reference_dir / 'tiny-a', '--vocab', vocab_dir,
+                       '--context', case['context'], '--top_k', 1, '--num_generate', 1,
+                       '--max_length', 100, '--format', 'jsonl')
+        record = json.loads(out.out)
+        assert record['tokens'][:len(case['continuation'])] == case['continuation'], case['context']
+        assert record['context'] == case['context']
+
+
+def test_text_output_is_samples_separated_by_lines_of_equals(generate_script, capsys, tiny_model_dir):
+    out = run_main(generate_script, capsys, '--model', tiny_model_dir, '--num_generate', 3,
+                   '--max_length', 12, '--seed', 1, '--context', '吾輩は猫である。')
+    samples = out.out.split('========\n')
+    assert len(samples) == 3 and all(s.endswith('\n') for s in samples)
+    assert all(0 < len(s) - 1 <= 12 and '<|endoftext|>' not in s for s in samples)
+    again = run_main(generate_script, capsys, '--model', tiny_model_dir, '--num_generate', 3,
+                     '--max_length', 12, '--seed', 1, '--context', '吾輩は猫である。', '--batch_size', 2)
+    assert again.out != '' and len(again.out.split('========\n')) == 3
+
+
+def test_samples_stop_at_max_length_with_at_most_one_token_to_spare(generate_script, capsys,
+                                                                    tiny_model_dir, vocab_dir):
+    from encoder import get_encoder
+    encoder = get_encoder(vocab_dir)
+    out = run_main(generate_script, capsys, '--model', tiny_model_dir, '--num_generate', 4,
+                   '--max_length', 15, '--seed', 2, '--format', 'jsonl')
+    for record in map(json.loads, out.out.splitlines()):
+        assert record['stop_reason'] in ('max_length', 'end_of_text')
+        if record['stop_reason'] == 'max_length':
+            assert len(record['text']) == 15
+            assert len(encoder.decode(record['tokens'][:-1])) < 15
+        assert record['text'] == encoder.decode(record['tokens'])[:15]
+
+
+def test_text_longer_than_the_window_goes_on_from_the_recent_text(generate_script, capsys, tiny_model_dir):
+    out = run_main(generate_script, capsys, '--model', tiny_model_dir, '--num_generate', 1,
+                   '--max_length', 1000, '--min_length', TINY.n_ctx, '--seed', 3, '--format', 'jsonl')
+    record = json.loads(out.out)
+    assert len(record['tokens']) > TINY.n_ctx
+    assert len(record['text']) == 1000 and record['stop_reason'] == 'max_length'
+
+
+def test_output_file_has_the_stdout_format_and_replaces_the_file_whole(generate_script, capsys,
+                                                                        tiny_model_dir, tmp_path):
+    target = tmp_path / 'out.txt'
+    target.write_text('old contents\n', encoding='utf-8')
+    args = ['--model', tiny_model_dir, '--num_generate', 2, '--max_length', 10, '--seed', 4]
+    printed = run_main(generate_script, capsys, *args).out
+    assert run_main(generate_script, capsys, *args, '--output_file', target).out == ''
+    assert target.read_text(encoding='utf-8') == printed
+    assert [p.name for p in tmp_path.iterdir()] == ['out.txt']
+
+
+def test_one_sample_streams_to_a_terminal(generate_script, capsys, tiny_model_dir, monkeypatch):
+    import sys
+    pieces = []
+    monkeypatch.setattr(sys.stdout, 'isatty', lambda: True)
+    monkeypatch.setattr(sys.stdout, 'write', lambda text: pieces.append(text) or len(text))
+    assert generate_script.main(['--model', str(tiny_model_dir), '--num_generate', '1',
+                                 '--max_length', '20', '--seed', '5']) == 0
+    assert len(pieces) > 3 and pieces[-1] == '\n'
+    assert 0 < len(''.join(pieces)) - 1 <= 20
+
+
+@pytest.mark.parametrize('args, fragment', [
+    (['--top_k', '-1'], '--top_k'), (['--top_p', '1.5'], '--top_p'),
+    (['--temperature', '0'], '--temperature'), (['--output_file', '/no/such/dir/out.txt'], '--output_file')])
+def test_bad_sampling_flags_are_one_line_errors(args, fragment):
+    # Checked before TensorFlow loads, so these subprocesses are quick.
+    assert_usage_error(run_script('gpt2-generate.py', '--model', 'nowhere', *args), fragment)
+
+
+def test_min_length_beyond_the_window_is_a_one_line_error(tiny_model_dir):
+    result = run_script('gpt2-generate.py', '--model', tiny_model_dir, '--min_length', TINY.n_ctx + 1)
+    assert_usage_error(result, 'min_length', str(TINY.n_ctx))
+
+
+def test_an_over_long_context_keeps_its_end_says_so_and_stderr_is_otherwise_clean(tiny_model_dir):
+    result = run_script('gpt2-generate.py', '--model', tiny_model_dir, '--num_generate', 1,
+                        '--max_length', 5, '--seed', 1, '--context', '吾輩は猫である。' * 20)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'keeping its last 32' in lines[0], result.stderr
+    assert 0 < len(result.stdout.strip()) <= 5
+
+
+def test_the_xla_step_samples_what_the_plain_step_does():
+    params = init_parameters(SMALL_VOCAB, seed=9)
+    kwargs = dict(max_tokens=SMALL_VOCAB.n_ctx, eot_id=EOT, batch_size=2, top_k=1, min_length=30)
+    plain = sample.generate(params, SMALL_VOCAB, [1, 2, 3], **kwargs)
+    assert sample.generate(params, SMALL_VOCAB, [1, 2, 3], xla=True, **kwargs) == plain
+    assert [len(tokens) for tokens in plain] == [SMALL_VOCAB.n_ctx - 2] * 2  # the window fills
