@@ -7,7 +7,6 @@ model and optimizer so that a later run with the same name resumes the same trai
 """
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
@@ -15,8 +14,7 @@ import numpy as np
 
 import model
 from cli import UsageError
-from model_dir import (ModelDirError, copy_vocab, find_checkpoint, load_model_dir, read_tensors,
-                       save_checkpoint, write_checkpoint_state, write_hparams, write_text_atomic)
+from model_dir import (ModelDirError, copy_vocab, load_model_dir, save_checkpoint, write_checkpoint_state, write_hparams, write_text_atomic)
 from finetune.trainer import STEP_VARIABLE
 
 RUN_FILE = 'finetune.json'

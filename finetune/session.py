@@ -9,19 +9,16 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import tensorflow as tf
 
+import sample as sampling
 from cli import UsageError
 from finetune import data as data_module
 from finetune.loop import LoopConfig, Progress, train_loop
 from finetune.optimizers import make_optimizer
-from finetune.preview import decode_for_display, sample_tokens
 from finetune.run_dir import initial_values, save_run_checkpoint, start_run_dir
 from finetune.trainer import Trainer
 from model_dir import load_model_dir
-
-EOT_ID = 20572  # <|endoftext|>, the last id of the released vocabulary
 
 
 def make_strategy(name):
@@ -47,14 +44,11 @@ def is_chief(strategy):
     return strategy.extended.should_checkpoint
 
 
-def eot_id(hparams):
-    return min(EOT_ID, hparams.n_vocab - 1)
-
-
-def load_datasets(args, hparams):
-    """(training, validation or None) sequences, checked before training starts."""
+def load_datasets(args, hparams, *, eot_id):
+    """(training, validation or None) sequences, checked before training starts; the last
+    sequence of each is padded with `eot_id`."""
     load = lambda path: data_module.load_sequences(path, n_ctx=hparams.n_ctx, n_vocab=hparams.n_vocab,
-                                                   pad_id=eot_id(hparams))
+                                                   pad_id=eot_id)
     train = load(args.dataset)
     if args.val_dataset:
         return train, load(args.val_dataset)
@@ -96,7 +90,8 @@ def run(args):
         raise UsageError(f'--batch_size {args.batch_size} must be a multiple of the '
                          f'{strategy.num_replicas_in_sync} replicas (it is the global batch)')
     base = load_model_dir(args.base_model, vocab_dir=args.vocab)
-    train, val = load_datasets(args, base.hparams)
+    encoder = base.load_encoder()
+    train, val = load_datasets(args, base.hparams, eot_id=encoder.eot_id)
     run_dir = Path(args.checkpoint_dir) / args.run_name
     chief = is_chief(strategy)
     optimizer = make_optimizer(args.optim)
@@ -124,9 +119,11 @@ def run(args):
             progress.message(f'Saving {prefix}')
 
     def sample(step):
-        ids = sample_tokens(trainer.parameter_values(), base.hparams, start_id=eot_id(base.hparams),
-                            length=args.sample_length, seed=args.seed + step)
-        return decode_for_display(ids, base.vocab_dir)
+        # An unconditional sample from the weights as trained so far.
+        ids = sampling.generate(trainer.parameter_values(), base.hparams, [encoder.eot_id],
+                                max_tokens=args.sample_length, eot_id=encoder.eot_id,
+                                seed=args.seed + step)[0]
+        return encoder.decode(ids)
 
     result = train_loop(trainer, train, config, save=save, val_data=val, sample=sample,
                         summaries=summary_writer(run_dir, chief), progress=progress)

@@ -3,7 +3,6 @@
 Tiny models (conftest.TINY, n_ctx 64) and datasets made with numpy; most runs call main()
 in-process; a few run it as a user would, to check exit codes, signals and stderr.
 """
-import json
 import os
 import signal
 import subprocess

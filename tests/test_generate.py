@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import model
 import sample
 from conftest import TINY
 from helpers import REPO, assert_usage_error, run_script
