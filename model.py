@@ -191,8 +191,8 @@ def attention(params, prefix, x, *, past, hparams):
     return attention_output(params, prefix, q, k, v, mask), present
 
 
-def mlp(params, prefix, x):
-    h = gelu(conv1d(x, params[f'{prefix}/c_fc/w'], params[f'{prefix}/c_fc/b']))
+def mlp(params, prefix, x, *, activation=gelu):
+    h = activation(conv1d(x, params[f'{prefix}/c_fc/w'], params[f'{prefix}/c_fc/b']))
     return conv1d(h, params[f'{prefix}/c_proj/w'], params[f'{prefix}/c_proj/b'])
 
 
@@ -202,12 +202,13 @@ def block(params, prefix, x, *, past, hparams):
         params, f'{prefix}/attn', h, past=past, hparams=hparams))
 
 
-def residual_block(params, prefix, x, attend_fn):
+def residual_block(params, prefix, x, attend_fn, *, activation=gelu):
     """A pre-norm block around any attention: `attend_fn(normalised x)` -> (output, extra).
     Returns (x, extra); forward() and forward_cached() differ only in their attention."""
     a, extra = attend_fn(layer_norm(x, params[f'{prefix}/ln_1/g'], params[f'{prefix}/ln_1/b']))
     x = x + a
-    x = x + mlp(params, f'{prefix}/mlp', layer_norm(x, params[f'{prefix}/ln_2/g'], params[f'{prefix}/ln_2/b']))
+    x = x + mlp(params, f'{prefix}/mlp', layer_norm(x, params[f'{prefix}/ln_2/g'], params[f'{prefix}/ln_2/b']),
+                activation=activation)
     return x, extra
 
 
@@ -248,24 +249,101 @@ def forward(params, tokens, *, hparams, past=None):
     return {'logits': logits, 'hidden': hidden, 'present': tf.stack(presents, axis=1)}
 
 
+def gelu_derivative(x):
+    """d gelu(x) / dx of the tanh form."""
+    c = math.sqrt(2.0 / math.pi)
+    t = tf.tanh(c * (x + 0.044715 * tf.pow(x, 3)))
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - tf.square(t)) * c * (1.0 + 3 * 0.044715 * tf.square(x))
+
+
+@tf.custom_gradient
+def training_gelu(x):
+    """`gelu` that keeps only its input for the backward pass: differentiated as written,
+    gelu keeps five [seq, 4 * embd] intermediates a layer alive until the backward pass."""
+    def grad(dy):
+        # Without the dependency on dy, the executor could run this as soon as x exists, in
+        # the forward pass, and keep its result alive just the same.
+        with tf.control_dependencies([dy]):
+            return dy * gelu_derivative(tf.identity(x))
+    return gelu(x), grad
+
+
+def training_attend(q, k, v, mask):
+    """`attend` that keeps only q, k, v and its output for the backward pass, and recomputes
+    the attention probabilities there: a layer's [batch, heads, seq, seq] probabilities (50 MB
+    at gpt2ja-small and 1024 tokens) would otherwise stay alive from the forward pass to the
+    backward pass, and they are the larger part of the activations; recomputing them costs
+    two [seq, seq] products a layer, a few percent of a step. mask: [t, s] booleans."""
+    scale = tf.math.rsqrt(tf.cast(q.shape[-1], q.dtype))
+
+    def probabilities(q, k):  # [b, h, t, s]; scaling q, not the larger scores
+        scores = tf.matmul(q * scale, k, transpose_b=True)
+        return tf.nn.softmax(tf.where(mask, scores, tf.cast(scores.dtype.min, scores.dtype)), axis=-1)
+
+    @tf.custom_gradient
+    def core(q, k, v):
+        out = tf.matmul(probabilities(q, k), v)
+
+        def grad(dout):
+            with tf.control_dependencies([dout]):  # recompute in the backward pass, not before
+                probs = probabilities(tf.identity(q), tf.identity(k))
+            dv = tf.matmul(probs, dout, transpose_a=True)
+            # softmax backward: p * (dp - sum(p * dp)), where sum(p * dp) = sum(dout * out).
+            dscores = probs * (tf.matmul(dout, v, transpose_b=True) -
+                               tf.reduce_sum(dout * out, axis=-1, keepdims=True))
+            dq = tf.matmul(dscores, k) * scale
+            dk = tf.matmul(dscores, q * scale, transpose_a=True)
+            return dq, dk, dv
+        return out, grad
+
+    return core(q, k, v)
+
+
+def training_block(params, prefix, x, *, hparams):
+    """`block` without the key/value cache, keeping less for the backward pass (see
+    `training_attend`, `training_gelu`); the same values."""
+    def attention_part(h):
+        q, k, v = attention_heads(params, f'{prefix}/attn', h, hparams=hparams)
+        mask = causal_mask(tf.shape(q)[2], tf.shape(k)[2])
+        return attention_output(params, f'{prefix}/attn', q, k, v, mask, attend_fn=training_attend), None
+    return residual_block(params, prefix, x, attention_part, activation=training_gelu)[0]
+
+
+def recomputed(fn):
+    """fn(x, *weights) -> y, whose backward pass recomputes fn's activations from its inputs
+    instead of keeping them (what tf.recompute_grad does, without its per-call overhead)."""
+    @tf.custom_gradient
+    def wrapped(x, *weights):
+        def grad(dy):
+            with tf.control_dependencies([dy]):  # recompute in the backward pass, not before
+                inputs = [tf.identity(t) for t in (x, *weights)]
+            with tf.GradientTape() as tape:
+                tape.watch(inputs)
+                y = fn(*inputs)
+            return tape.gradient(y, inputs, output_gradients=dy)
+        return fn(x, *weights), grad
+    return wrapped
+
+
 def training_hidden(params, tokens, *, hparams, recompute=False):
     """Final layer-normalised hidden states [batch, seq, n_embd] for training: `forward`
-    without the key/value cache. With `recompute`, each block's activations are recomputed
-    in the backward pass instead of kept (tf.recompute_grad): about a third more compute
-    for a fraction of the memory. `params` may hold variables or (cast) tensors."""
+    without the key/value cache, keeping less for the backward pass (`training_block`).
+    With `recompute`, each block's activations are recomputed in the backward pass instead of
+    kept: about a third more compute for a fraction of the memory. `params` may hold
+    variables or (cast) tensors."""
     positions = tf.range(tf.shape(tokens)[1])
     x = tf.gather(params[f'{SCOPE}/wte'], tokens) + tf.gather(params[f'{SCOPE}/wpe'], positions)
     for layer in range(hparams.n_layer):
         prefix = f'{SCOPE}/h{layer}'
         names = [name for name in parameter_shapes(hparams) if name.startswith(prefix + '/')]
-        # The block's weights go in as arguments, so recompute_grad differentiates them
+        # The block's weights go in as arguments, so the recomputation differentiates them
         # like any input instead of having to find captured variables.
         values = [tf.convert_to_tensor(params[name]) for name in names]
 
         def run_block(x, *values, prefix=prefix, names=names):
-            return block(dict(zip(names, values)), prefix, x, past=None, hparams=hparams)[0]
+            return training_block(dict(zip(names, values)), prefix, x, hparams=hparams)
 
-        x = (tf.recompute_grad(run_block) if recompute else run_block)(x, *values)
+        x = (recomputed(run_block) if recompute else run_block)(x, *values)
     return layer_norm(x, params[f'{SCOPE}/ln_f/g'], params[f'{SCOPE}/ln_f/b'])
 
 

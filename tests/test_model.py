@@ -96,3 +96,27 @@ def test_inconsistent_hparams_are_refused(bad):
     values.update(bad)
     with pytest.raises(ValueError):
         HParams(**values)
+
+
+@pytest.mark.parametrize('recompute', [False, True])
+def test_training_path_has_the_plain_networks_loss_and_gradients(recompute):
+    # training_hidden recomputes attention probabilities (and with `recompute` whole blocks)
+    # in its hand-written backward pass: same values and gradients as differentiating forward().
+    params = {k: tf.constant(v) for k, v in init_parameters(SMALL_VOCAB, seed=6).items()}
+    tokens = tf.constant(np.random.default_rng(1).integers(0, SMALL_VOCAB.n_vocab, size=(2, 16)))
+
+    def gradients(hidden_of):
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            loss = tf.reduce_sum(tf.sin(hidden_of(params)))  # any loss that weights each position
+        return loss, tape.gradient(loss, params)
+
+    expected_loss, expected = gradients(lambda p: forward(p, tokens, hparams=SMALL_VOCAB)['hidden'])
+    for run in (lambda f: f(), lambda f: tf.function(f)()):  # eagerly and as a graph
+        loss, actual = run(lambda: gradients(lambda p: model.training_hidden(
+            p, tokens, hparams=SMALL_VOCAB, recompute=recompute)))
+        np.testing.assert_allclose(loss.numpy(), expected_loss.numpy(), rtol=1e-5)
+        for name in params:
+            want = tf.convert_to_tensor(expected[name]).numpy()
+            np.testing.assert_allclose(tf.convert_to_tensor(actual[name]).numpy(), want,
+                                       rtol=1e-4, atol=1e-5 * np.abs(want).max(), err_msg=name)
