@@ -4,8 +4,8 @@ split into logical devices only before TensorFlow starts:
     python tests/distributed_run.py MODEL_DIR DATASET STEPS
 
 It splits the CPU into 2 logical devices, trains the same batches (global batch 4) with
-MirroredStrategy over both and on one device, and prints the losses and the largest
-weight difference as JSON.
+MirroredStrategy over both (also as 2 accumulated micro-batches of 2) and on one device,
+and prints the losses and the largest weight differences as JSON.
 """
 import json
 import sys
@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 
 
-def train(strategy, base, sequences, steps, *, xla):
+def train(strategy, base, sequences, steps, *, xla, accumulate=1):
     from finetune.loop import LoopConfig, step_batch
     from finetune.optimizers import make_optimizer
     from finetune.run_dir import initial_values
@@ -24,7 +24,7 @@ def train(strategy, base, sequences, steps, *, xla):
     optimizer = make_optimizer('adam')
     trainer = Trainer(hparams=base.hparams, optimizer=optimizer, strategy=strategy, xla=xla,
                       initial=initial_values(base, None, optimizer))
-    config = LoopConfig(batch_size=4, max_steps=steps, seed=7)
+    config = LoopConfig(batch_size=4 // accumulate, accumulate=accumulate, max_steps=steps, seed=7)
     losses = [trainer.train_step(*step_batch(sequences, step, config), learning_rate=1e-3)[0]
               for step in range(steps)]
     return losses, {name: value.numpy() for name, value in trainer.tensors().items()}
@@ -44,11 +44,17 @@ def main():
     mirrored = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
     mirrored_losses, mirrored_state = train(mirrored, base, sequences, steps, xla=False)
     single_losses, single_state = train(tf.distribute.get_strategy(), base, sequences, steps, xla=False)
+    # The same global batch as 2 micro-batches of 2, each split over the 2 devices.
+    accumulated_losses, accumulated_state = train(mirrored, base, sequences, steps, xla=False,
+                                                  accumulate=2)
     print(json.dumps({
         'replicas': mirrored.num_replicas_in_sync,
         'mirrored_losses': mirrored_losses, 'single_losses': single_losses,
         'max_weight_difference': max(float(np.abs(mirrored_state[n] - single_state[n]).max())
                                      for n in single_state),
+        'accumulated_losses': accumulated_losses,
+        'max_accumulated_difference': max(float(np.abs(accumulated_state[n] - single_state[n]).max())
+                                          for n in single_state),
         'max_weight_change': max(float(np.abs(single_state[n] - v).max())
                                  for n, v in base.load_parameters().items()),
     }))

@@ -29,6 +29,8 @@ def test_mirrored_on_two_devices_equals_one_device(tiny_model_dir, dataset):
     np.testing.assert_allclose(report['mirrored_losses'], report['single_losses'], rtol=1e-5)
     assert report['max_weight_change'] > 1e-4  # it trained...
     assert report['max_weight_difference'] < 1e-5  # ...the same way
+    np.testing.assert_allclose(report['accumulated_losses'], report['single_losses'], rtol=1e-5)
+    assert report['max_accumulated_difference'] < 1e-5
 
 
 def free_ports(count):
