@@ -202,13 +202,12 @@ def block(params, prefix, x, *, past, hparams):
         params, f'{prefix}/attn', h, past=past, hparams=hparams))
 
 
-def residual_block(params, prefix, x, attend_fn, *, activation=gelu):
+def residual_block(params, prefix, x, attend_fn):
     """A pre-norm block around any attention: `attend_fn(normalised x)` -> (output, extra).
     Returns (x, extra); forward() and forward_cached() differ only in their attention."""
     a, extra = attend_fn(layer_norm(x, params[f'{prefix}/ln_1/g'], params[f'{prefix}/ln_1/b']))
     x = x + a
-    x = x + mlp(params, f'{prefix}/mlp', layer_norm(x, params[f'{prefix}/ln_2/g'], params[f'{prefix}/ln_2/b']),
-                activation=activation)
+    x = x + mlp(params, f'{prefix}/mlp', layer_norm(x, params[f'{prefix}/ln_2/g'], params[f'{prefix}/ln_2/b']))
     return x, extra
 
 
@@ -301,12 +300,14 @@ def training_attend(q, k, v, mask):
 
 def training_block(params, prefix, x, *, hparams):
     """`block` without the key/value cache, keeping less for the backward pass (see
-    `training_attend`, `training_gelu`); the same values."""
-    def attention_part(h):
-        q, k, v = attention_heads(params, f'{prefix}/attn', h, hparams=hparams)
-        mask = causal_mask(tf.shape(q)[2], tf.shape(k)[2])
-        return attention_output(params, f'{prefix}/attn', q, k, v, mask, attend_fn=training_attend), None
-    return residual_block(params, prefix, x, attention_part, activation=training_gelu)[0]
+    `training_attend`, `training_gelu`); the same values. (Not through `residual_block`,
+    which the cached decoding shares.)"""
+    h = layer_norm(x, params[f'{prefix}/ln_1/g'], params[f'{prefix}/ln_1/b'])
+    q, k, v = attention_heads(params, f'{prefix}/attn', h, hparams=hparams)
+    mask = causal_mask(tf.shape(q)[2], tf.shape(k)[2])
+    x = x + attention_output(params, f'{prefix}/attn', q, k, v, mask, attend_fn=training_attend)
+    h = layer_norm(x, params[f'{prefix}/ln_2/g'], params[f'{prefix}/ln_2/b'])
+    return x + mlp(params, f'{prefix}/mlp', h, activation=training_gelu)
 
 
 def recomputed(fn):
