@@ -211,10 +211,16 @@ def residual_block(params, prefix, x, attend_fn):
     return x, extra
 
 
-def unembed(params, hidden, *, hparams):
-    """Logits [rows, n_vocab] of final hidden states [rows, n_embd] (tied to wte)."""
+def unembed(params, hidden, *, hparams, wte_transposed=None):
+    """Logits [rows, n_vocab] of final hidden states [rows, n_embd] (tied to wte).
+
+    wte_transposed: None, or wte as [n_embd, n_vocab] (e.g. a variable made once by the
+    caller): a matmul with few rows reads that layout about twice as fast as wte's own.
+    """
     # One 2-D matmul: the largest product in the network, and 2-D is the fastest path on
     # every backend.
+    if wte_transposed is not None:
+        return tf.matmul(hidden, wte_transposed)
     return tf.matmul(hidden, params[f'{SCOPE}/wte'], transpose_b=True)
 
 
@@ -349,9 +355,9 @@ def training_hidden(params, tokens, *, hparams, recompute=False):
 
 
 def kv_cache_shape(hparams, *, batch_size):
-    """One layer's preallocated key/value cache: [n_ctx (slots), 2 (keys, values), batch, heads,
-    head_size]. Slot-major, so that a step writes one row in place and reads a prefix of rows."""
-    return [hparams.n_ctx, 2, batch_size, hparams.n_head, hparams.head_size]
+    """One layer's preallocated key/value cache: [2 (keys, values), batch, heads, n_ctx (slots),
+    head_size]. Attention's own layout, so that the slots read feed its matmuls untransposed."""
+    return [2, batch_size, hparams.n_head, hparams.n_ctx, hparams.head_size]
 
 
 def new_kv_cache(hparams, *, batch_size):
@@ -377,40 +383,31 @@ def cached_attention_mask(start, length, first_slot, end):
 
 def update_kv_cache(layer_cache, k, v, start, *, read_length=None):
     """Write k, v [batch, heads, seq, head_size] at slots [start, start + seq) of one layer's
-    cache; return its first slots' keys and values, each [slots, batch, heads, head_size]:
+    cache; return its first slots' keys and values, each [batch, heads, slots, head_size]:
     start + seq slots, or `read_length` (a static count, for XLA) when given.
 
-    scatter_update writes in place (a strided-slice assign would copy the whole cache), and
-    after it TensorFlow copies the whole variable on a plain read, so the prefix is read by
-    gather, which copies only the rows asked for.
+    ScatterNdUpdate writes in place (a strided-slice assign would copy the whole cache), and
+    after a scatter TensorFlow copies the whole variable on a plain read, so the filled slots
+    are read by a gather along the slot axis (batch_dims: one gather for every key and value
+    row), which copies only them.
     """
-    slots = start + tf.range(tf.shape(k)[2])
-    new = tf.transpose(tf.stack([k, v]), [3, 0, 1, 2, 4])          # [seq, 2, batch, heads, head_size]
-    layer_cache.scatter_update(tf.IndexedSlices(new, slots))
+    new = tf.stack([k, v])                                          # [2, batch, heads, seq, head_size]
+    outer = tf.shape(new)[:4]                                       # [2, batch, heads, seq]
+    index = [tf.range(n) for n in tf.unstack(outer)]
+    index[3] += start
+    where = tf.stack(tf.meshgrid(*index, indexing='ij'), axis=-1)  # [2, batch, heads, seq, 4]
+    tf.raw_ops.ResourceScatterNdUpdate(ref=layer_cache.handle, indices=where, updates=new)
     if read_length is None:
-        rows = layer_cache.sparse_read(tf.range(slots[-1] + 1))    # [slots, 2, batch, heads, head_size]
+        slots = tf.broadcast_to(tf.range(start + tf.shape(k)[2]), tf.concat([outer[:3], [start + outer[3]]], 0))
+        rows = tf.raw_ops.ResourceGather(resource=layer_cache.handle, indices=slots,
+                                         dtype=layer_cache.dtype, batch_dims=3)
     else:  # XLA reads variables in place, so a static slice is free
-        rows = layer_cache[:read_length]
-    return rows[:, 0], rows[:, 1]
+        rows = layer_cache[:, :, :, :read_length]
+    return rows[0], rows[1]
 
 
-def attend_one_query(q, keys, values, mask):
-    """`attend` for a single query a row against slot-major keys and values [slots, batch,
-    heads, head_size]: q [batch, heads, 1, head_size]; mask [batch, 1, 1, slots].
-
-    The same math as `attend`, contracted as multiply-and-sum over the cache's own layout:
-    the cache is read once, with no transposed copy of it (which costs more than the
-    products themselves at one query a row).
-    """
-    scale = tf.math.rsqrt(tf.cast(q.shape[-1], q.dtype))
-    scores = tf.reduce_sum(keys * q[None, :, :, 0], axis=-1) * scale       # [slots, batch, heads]
-    scores = tf.transpose(scores, [1, 2, 0])[:, :, None, :]                 # [batch, heads, 1, slots]
-    scores = tf.where(mask, scores, tf.cast(scores.dtype.min, scores.dtype))
-    weights = tf.transpose(tf.nn.softmax(scores, axis=-1)[:, :, 0], [2, 0, 1])  # [slots, batch, heads]
-    return tf.reduce_sum(values * weights[..., None], axis=0)[:, :, None, :]   # [batch, heads, 1, head_size]
-
-
-def forward_cached(params, tokens, *, hparams, cache, start, first_slot=None, read_length=None):
+def forward_cached(params, tokens, *, hparams, cache, start, first_slot=None, read_length=None,
+                   wte_transposed=None):
     """Run the network on new tokens against a preallocated key/value cache.
 
     tokens: int [batch, seq], placed at cache slots [start, start + seq) (start + seq <= n_ctx);
@@ -420,7 +417,8 @@ def forward_cached(params, tokens, *, hparams, cache, start, first_slot=None, re
     first_slot: None or int [batch]: slots before it hold left padding in that row (rows with
       shorter contexts); its token at slot s has position s - first_slot;
     read_length: None, or a static number of slots (>= start + seq) to attend over, masked
-      beyond the position: static shapes, as XLA needs.
+      beyond the position: static shapes, as XLA needs;
+    wte_transposed: see `unembed`.
     Same math as `forward` (they share the blocks). Returns a dict:
       logits [batch, n_vocab] at the last new token; hidden [batch, seq, n_embd].
     """
@@ -432,15 +430,11 @@ def forward_cached(params, tokens, *, hparams, cache, start, first_slot=None, re
     positions = tf.maximum(start + tf.range(length)[None, :] - first_slot[:, None], 0)  # [batch, seq]
     x = tf.gather(params[f'{SCOPE}/wte'], tokens) + tf.gather(params[f'{SCOPE}/wpe'], positions)
     mask = cached_attention_mask(start, length, first_slot, start + length if read_length is None else read_length)
-    one_query = tokens.shape[1] == 1  # the per-token step: known when the step is traced
 
     def cached_attention(layer_cache, prefix):
         def attend_with_cache(h):
             q, k, v = attention_heads(params, prefix, h, hparams=hparams)
             keys, values = update_kv_cache(layer_cache, k, v, start, read_length=read_length)
-            if one_query:
-                return attention_output(params, prefix, q, keys, values, mask, attend_fn=attend_one_query), None
-            keys, values = (tf.transpose(t, [1, 2, 0, 3]) for t in (keys, values))  # [batch, heads, slots, head_size]
             return attention_output(params, prefix, q, keys, values, mask), None
         return attend_with_cache
 
@@ -448,4 +442,5 @@ def forward_cached(params, tokens, *, hparams, cache, start, first_slot=None, re
         prefix = f'{SCOPE}/h{layer}'
         x, _ = residual_block(params, prefix, x, cached_attention(layer_cache, f'{prefix}/attn'))
     hidden = layer_norm(x, params[f'{SCOPE}/ln_f/g'], params[f'{SCOPE}/ln_f/b'])
-    return {'logits': unembed(params, hidden[:, -1], hparams=hparams), 'hidden': hidden}
+    logits = unembed(params, hidden[:, -1], hparams=hparams, wte_transposed=wte_transposed)
+    return {'logits': logits, 'hidden': hidden}
