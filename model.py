@@ -407,7 +407,7 @@ def update_kv_cache(layer_cache, k, v, start, *, read_length=None):
 
 
 def forward_cached(params, tokens, *, hparams, cache, start, first_slot=None, read_length=None,
-                   wte_transposed=None):
+                   wte_transposed=None, dense=None):
     """Run the network on new tokens against a preallocated key/value cache.
 
     tokens: int [batch, seq], placed at cache slots [start, start + seq) (start + seq <= n_ctx);
@@ -418,7 +418,10 @@ def forward_cached(params, tokens, *, hparams, cache, start, first_slot=None, re
       shorter contexts); its token at slot s has position s - first_slot;
     read_length: None, or a static number of slots (>= start + seq) to attend over, masked
       beyond the position: static shapes, as XLA needs;
-    wte_transposed: see `unembed`.
+    wte_transposed: see `unembed`;
+    dense: None, or `DensePieces(hparams)`: run the parts that do not depend on the cache
+      length (layer norms, projections, MLPs, unembedding) through its XLA-compiled functions,
+      and only the cache write and attention in plain TensorFlow (see DensePieces).
     Same math as `forward` (they share the blocks). Returns a dict:
       logits [batch, n_vocab] at the last new token; hidden [batch, seq, n_embd].
     """
@@ -430,6 +433,9 @@ def forward_cached(params, tokens, *, hparams, cache, start, first_slot=None, re
     positions = tf.maximum(start + tf.range(length)[None, :] - first_slot[:, None], 0)  # [batch, seq]
     x = tf.gather(params[f'{SCOPE}/wte'], tokens) + tf.gather(params[f'{SCOPE}/wpe'], positions)
     mask = cached_attention_mask(start, length, first_slot, start + length if read_length is None else read_length)
+    if dense is not None:
+        return dense.forward(params, x, cache=cache, start=start, mask=mask, read_length=read_length,
+                             wte_transposed=wte_transposed)
 
     def cached_attention(layer_cache, prefix):
         def attend_with_cache(h):
@@ -444,3 +450,79 @@ def forward_cached(params, tokens, *, hparams, cache, start, first_slot=None, re
     hidden = layer_norm(x, params[f'{SCOPE}/ln_f/g'], params[f'{SCOPE}/ln_f/b'])
     logits = unembed(params, hidden[:, -1], hparams=hparams, wte_transposed=wte_transposed)
     return {'logits': logits, 'hidden': hidden}
+
+
+def _block_tail(x, a, w):
+    """The rest of a block after attention: x + c_proj(a), then the MLP's residual.
+    w: (attn c_proj w, b, ln_2 g, b, mlp c_fc w, b, mlp c_proj w, b)."""
+    x = x + conv1d(a, w[0], w[1])
+    return x + conv1d(gelu(conv1d(layer_norm(x, w[2], w[3]), w[4], w[5])), w[6], w[7])
+
+
+def _block_head(x, w, n_head):
+    """A block's attention inputs: q, k, v of ln_1(x), each [batch, heads, seq, head_size].
+    w: (ln_1 g, b, attn c_attn w, b)."""
+    qkv = conv1d(layer_norm(x, w[0], w[1]), w[2], w[3])
+    return [split_heads(part, n_head) for part in tf.split(qkv, 3, axis=2)]
+
+
+class DensePieces:
+    """XLA-compiled pieces of `forward_cached` that do not depend on the cache length.
+
+    A step's attention reads a growing number of cache slots (a dynamic shape, which XLA
+    would compile once per length), but everything else in it has the static shape
+    [batch, seq, n_embd]. Three compiled functions, each reused by every layer with that
+    layer's weights as arguments, so they compile once per input shape (per batch size for
+    the one-token step), not per layer or per cache length:
+    - head: ln_1 and c_attn of layer 0 -> q, k, v;
+    - middle: the tail of layer i (c_proj, residual, ln_2, MLP, residual) and the head of
+      layer i + 1 -> x, q, k, v;
+    - last: the tail of the last layer, ln_f and the unembedding -> logits of the last token.
+    The cache write and attention over the filled slots stay in plain TensorFlow.
+    """
+
+    def __init__(self, hparams):
+        n_head = hparams.n_head
+        self.head = tf.function(lambda x, w: _block_head(x, w, n_head), jit_compile=True)
+
+        def middle(x, a, tail, head):
+            x = _block_tail(x, a, tail)
+            return [x] + _block_head(x, head, n_head)
+        self.middle = tf.function(middle, jit_compile=True)
+        self.last = tf.function(self._last, jit_compile=True)
+
+    @staticmethod
+    def _last(x, a, tail, ln_f, wte_transposed):
+        hidden = layer_norm(_block_tail(x, a, tail)[:, -1], ln_f[0], ln_f[1])
+        return tf.matmul(hidden, wte_transposed)
+
+    @staticmethod
+    def _head_weights(params, prefix):
+        return (params[f'{prefix}/ln_1/g'], params[f'{prefix}/ln_1/b'],
+                params[f'{prefix}/attn/c_attn/w'], params[f'{prefix}/attn/c_attn/b'])
+
+    @staticmethod
+    def _tail_weights(params, prefix):
+        return tuple(params[f'{prefix}/{name}'] for name in (
+            'attn/c_proj/w', 'attn/c_proj/b', 'ln_2/g', 'ln_2/b',
+            'mlp/c_fc/w', 'mlp/c_fc/b', 'mlp/c_proj/w', 'mlp/c_proj/b'))
+
+    def forward(self, params, x, *, cache, start, mask, read_length, wte_transposed):
+        """forward_cached's network from the embedded tokens x on; returns its dict (hidden
+        is None: the compiled pieces keep only the last token's)."""
+        if wte_transposed is None:
+            wte_transposed = tf.transpose(params[f'{SCOPE}/wte'])
+        read = lambda w: tuple(tf.convert_to_tensor(v) for v in w)  # noqa: E731
+        q, k, v = self.head(x, read(self._head_weights(params, f'{SCOPE}/h0')))
+        n_layer = len(cache)
+        for layer, layer_cache in enumerate(cache):
+            keys, values = update_kv_cache(layer_cache, k, v, start, read_length=read_length)
+            a = merge_heads(attend(q, keys, values, mask))
+            tail = read(self._tail_weights(params, f'{SCOPE}/h{layer}'))
+            if layer + 1 < n_layer:
+                x, q, k, v = self.middle(x, a, tail, read(self._head_weights(params, f'{SCOPE}/h{layer + 1}')))
+            else:
+                logits = self.last(x, a, tail, read((params[f'{SCOPE}/ln_f/g'], params[f'{SCOPE}/ln_f/b'])),
+                                   tf.convert_to_tensor(wte_transposed))
+        return {'logits': logits, 'hidden': None}
+

@@ -99,6 +99,22 @@ def as_variables(params):
 
 
 XLA_MIN_SLOTS = 64
+# How the per-token step is compiled (see BatchSampler): plain TensorFlow; XLA for the parts
+# that do not depend on the cache length; XLA for the whole network.
+XLA_MODES = ('off', 'dense', 'full')
+DEFAULT_XLA = 'off'
+
+
+def xla_mode(xla):
+    """One of XLA_MODES from `xla`: a mode's name, True ('full', the old flag), False or None
+    (the default)."""
+    if xla is None or xla is False:
+        return DEFAULT_XLA
+    if xla is True:
+        return 'full'
+    if xla not in XLA_MODES:
+        raise ValueError(f'xla must be one of {", ".join(XLA_MODES)}, not {xla!r}')
+    return xla
 
 
 def xla_read_length(slot, n_ctx):
@@ -115,14 +131,19 @@ class BatchSampler:
     filled so far only, so its cost hardly grows with the text. Shapes are static per batch
     size, so each function is traced once.
 
-    xla: compile the step with XLA, which fuses the small element-wise ops between the
-    matrix products. XLA needs static shapes, so the slots attended over are rounded up to a
-    power of two (at least XLA_MIN_SLOTS), one compilation (a few seconds) for each.
+    xla: how the step is compiled (`xla_mode`): 'off', plain TensorFlow; 'full' (or True),
+    the whole network with XLA, which fuses the small element-wise ops between the matrix
+    products; XLA needs static shapes, so the slots attended over are rounded up to a power
+    of two (at least XLA_MIN_SLOTS), one compilation (a few seconds) for each; 'dense', XLA
+    for the parts whose shapes do not depend on the cache length (model.DensePieces: compiled
+    once per batch size), the cache write and attention in plain TensorFlow.
     """
 
     def __init__(self, params, hparams, *, batch_size, settings, eot_id, rng, xla=False):
         self.hparams, self.batch_size = hparams, batch_size
-        self.settings, self.eot_id, self.rng, self.xla = settings, eot_id, rng, xla
+        self.settings, self.eot_id, self.rng = settings, eot_id, rng
+        self.xla = xla_mode(xla)
+        self._dense = model.DensePieces(hparams) if self.xla == 'dense' else None
         self.params = as_variables(params)
         self.cache = model.new_kv_cache(hparams, batch_size=batch_size)
         # The unembedding's faster layout, made once (a copy: wte's size again).
@@ -137,13 +158,14 @@ class BatchSampler:
         self._steps = {}  # slots attended over (None: as many as filled) -> traced step
 
     def _step_for(self, slot):
-        read_length = xla_read_length(slot, self.hparams.n_ctx) if self.xla else None
+        read_length = xla_read_length(slot, self.hparams.n_ctx) if self.xla == 'full' else None
         if read_length not in self._steps:
             def network(tokens, slot):
                 return model.forward_cached(self.params, tokens[:, None], hparams=self.hparams,
                                             cache=self.cache, start=slot, first_slot=self._first_slot,
-                                            read_length=read_length, wte_transposed=self._wte_transposed)['logits']
-            if self.xla:
+                                            read_length=read_length, wte_transposed=self._wte_transposed,
+                                            dense=self._dense)['logits']
+            if self.xla == 'full':
                 # Only the network: XLA's CPU top-k sorts the whole vocabulary (4 ms a token,
                 # against 0.6 ms for TensorFlow's kernel).
                 network = tf.function(network, jit_compile=True)
@@ -252,7 +274,7 @@ def generate(params, hparams, context_tokens, *, max_tokens, batch_size=1, top_k
     `max_tokens` long, and ends where the window (hparams.n_ctx) is full. The context keeps
     its last n_ctx - 1 tokens. See `filter_logits` for top_k, top_p and temperature;
     min_length forbids end-of-text in the first min_length tokens. Same seed, same output.
-    xla: compile the step with XLA (see BatchSampler).
+    xla: how the step is compiled: 'off', 'dense', 'full' (True: 'full'; see BatchSampler).
     """
     settings = Settings(top_k=top_k, top_p=top_p, temperature=temperature, min_length=min_length)
     settings.check(hparams)
