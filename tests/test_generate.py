@@ -9,7 +9,7 @@ import tensorflow as tf
 import sample
 from conftest import TINY
 from helpers import REPO, assert_usage_error, run_script
-from model import HParams, forward, forward_cached, init_parameters, new_kv_cache
+from model import DensePieces, HParams, forward, forward_cached, init_parameters, new_kv_cache
 
 SMALL_VOCAB = HParams(n_vocab=97, n_ctx=32, n_embd=32, n_head=4, n_layer=3)
 EOT = SMALL_VOCAB.n_vocab - 1
@@ -56,6 +56,23 @@ def test_left_padded_rows_give_the_logits_of_their_own_context():
         alone = forward(params, [context + [9]], hparams=SMALL_VOCAB)['logits'].numpy()[0]
         np.testing.assert_allclose(out['logits'].numpy()[row], alone[-2], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(step['logits'].numpy()[row], alone[-1], rtol=1e-4, atol=1e-5)
+
+
+def test_the_dense_xla_pieces_give_the_plain_step_logits():
+    params = init_parameters(SMALL_VOCAB, seed=5)
+    tokens = np.random.default_rng(1).integers(0, SMALL_VOCAB.n_vocab, size=(2, 20))
+    first_slot = tf.constant([2, 0])
+    dense = DensePieces(SMALL_VOCAB)
+    caches = {way: new_kv_cache(SMALL_VOCAB, batch_size=2) for way in ('plain', 'dense')}
+    for cache in caches.values():
+        forward_cached(params, tokens[:, :6], hparams=SMALL_VOCAB, cache=cache, start=0, first_slot=first_slot)
+    for position in range(6, 20):
+        logits = {way: forward_cached(params, tokens[:, position:position + 1], hparams=SMALL_VOCAB,
+                                      cache=cache, start=position, first_slot=first_slot,
+                                      dense=dense if way == 'dense' else None)['logits'].numpy()
+                  for way, cache in caches.items()}
+        np.testing.assert_allclose(logits['dense'], logits['plain'], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(caches['dense'][1].numpy(), caches['plain'][1].numpy(), rtol=1e-4, atol=1e-5)
 
 
 # --- the sampling distribution ---------------------------------------------------------
@@ -146,13 +163,14 @@ def test_settings_outside_their_ranges_are_rejected():
 
 # --- gpt2-generate.py ------------------------------------------------------------------
 
+@pytest.mark.parametrize('xla', ['off', 'dense'])
 def test_greedy_generation_of_tiny_a_reproduces_the_reference(generate_script, capsys,
-                                                              reference_dir, vocab_dir):
+                                                              reference_dir, vocab_dir, xla):
     expected = json.loads((reference_dir / 'tiny-a-expected.json').read_text(encoding='utf-8'))
     for case in expected['greedy']:
         out = run_main(generate_script, capsys, '--model', reference_dir / 'tiny-a', '--vocab', vocab_dir,
                        '--context', case['context'], '--top_k', 1, '--num_generate', 1,
-                       '--max_length', 100, '--format', 'jsonl')
+                       '--max_length', 100, '--format', 'jsonl', '--xla', xla)
         record = json.loads(out.out)
         assert record['tokens'][:len(case['continuation'])] == case['continuation'], case['context']
         assert record['context'] == case['context']
@@ -235,9 +253,10 @@ def test_an_over_long_context_keeps_its_end_says_so_and_stderr_is_otherwise_clea
     assert 0 < len(result.stdout.strip()) <= 5
 
 
-def test_the_xla_step_samples_what_the_plain_step_does():
+@pytest.mark.parametrize('xla', [True, 'full', 'dense'])
+def test_the_xla_steps_sample_what_the_plain_step_does(xla):
     params = init_parameters(SMALL_VOCAB, seed=9)
     kwargs = dict(max_tokens=SMALL_VOCAB.n_ctx, eot_id=EOT, batch_size=2, top_k=1, min_length=30)
-    plain = sample.generate(params, SMALL_VOCAB, [1, 2, 3], **kwargs)
-    assert sample.generate(params, SMALL_VOCAB, [1, 2, 3], xla=True, **kwargs) == plain
+    plain = sample.generate(params, SMALL_VOCAB, [1, 2, 3], xla='off', **kwargs)
+    assert sample.generate(params, SMALL_VOCAB, [1, 2, 3], xla=xla, **kwargs) == plain
     assert [len(tokens) for tokens in plain] == [SMALL_VOCAB.n_ctx - 2] * 2  # the window fills
