@@ -51,12 +51,14 @@ def build_parser():
                              'jsonl: one JSON object a sample (context, text, tokens, stop_reason)')
     output.add_argument('--batch_size', type=int, default=8,
                         help='how many samples are generated together (memory grows with it)')
-    output.add_argument('--xla', nargs='?', choices=('off', 'dense', 'full'), const='full', default=None,
-                        help='how the per-token step is compiled: off (plain TensorFlow), dense '
+    output.add_argument('--xla', nargs='?', choices=('off', 'dense', 'full', 'auto'), const='full',
+                        default='auto',
+                        help='how the per-token step is compiled: off (plain TensorFlow); dense '
                              '(XLA for the parts that do not depend on the text length, compiled '
-                             'once), full (the whole step with XLA, compiled again as the text '
-                             'grows: 64, 128, ... slots); --xla alone means full; default: '
-                             'see report/generate.md')
+                             'once); full (the whole step with XLA, compiled again as the text '
+                             'grows: 64, 128, ... slots); auto (default): dense when samples are '
+                             'generated one at a time, else off. --xla alone means full. '
+                             'Figures: report/generate.md')
     cli.add_common_flags(parser)
     return parser
 

@@ -253,6 +253,13 @@ def test_an_over_long_context_keeps_its_end_says_so_and_stderr_is_otherwise_clea
     assert 0 < len(result.stdout.strip()) <= 5
 
 
+def test_auto_compiles_the_dense_parts_for_one_row_only():
+    assert [sample.xla_mode('auto', batch_size=b) for b in (1, 2, 8)] == ['dense', 'off', 'off']
+    assert [sample.xla_mode(x, batch_size=1) for x in (False, None, True, 'off')] == ['off', 'off', 'full', 'off']
+    with pytest.raises(ValueError):
+        sample.xla_mode('fast', batch_size=1)
+
+
 @pytest.mark.parametrize('xla', [True, 'full', 'dense'])
 def test_the_xla_steps_sample_what_the_plain_step_does(xla):
     params = init_parameters(SMALL_VOCAB, seed=9)
