@@ -110,8 +110,8 @@ def xla_mode(xla, *, batch_size):
     in XLA_MODES, True ('full', the old flag), or False / None ('off').
 
     'auto' is 'dense' for one row, where it measured ~15-20% faster a token, compile
-    included, and 'off' for several: XLA's CPU matmuls with several rows are slower than
-    TensorFlow's oneDNN ones, and 5 samples together took ~25% longer (report/generate.md).
+    included, and 'off' for several, where it was no faster: steps of 5 rows took the same
+    time, and 5 samples together took 4-25% longer in two runs (report/generate.md).
     """
     if xla is None or xla is False:
         return 'off'
