@@ -97,6 +97,8 @@ def check_args(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
+    from finetune.memory import prepare_process
+    prepare_process(recompute=args.recompute)  # before TensorFlow is imported
     cli.prepare_tensorflow(verbose=args.verbose, gpu=args.gpu)
     from finetune.session import run
     return run(args)

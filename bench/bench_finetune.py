@@ -23,6 +23,7 @@ OUT = REPO / 'bench' / 'out'
 CONFIGS = {  # the Trainer's arguments (and K); each differs from the default in one way
     'default': {},
     'recompute': {'recompute': True},
+    'recompute-plain': {'recompute': True, 'process_settings': False},  # without finetune.memory
     'accumulate-2': {'accumulate': 2},
     'xla': {'xla': True},
     'bfloat16': {'precision': 'bfloat16'},
@@ -50,6 +51,9 @@ def child_train(config, steps, model_dir):
     import resource
     import numpy as np
     import cli
+    from finetune.memory import prepare_process
+    if config.get('process_settings', True):  # what run_finetune.py does before importing TF
+        prepare_process(recompute=config.get('recompute', False))
     tf = cli.prepare_tensorflow()
     import model
     from finetune.optimizers import make_optimizer

@@ -51,6 +51,7 @@ class Trainer:
         self.strategy = strategy or tf.distribute.get_strategy()
         self.compute_dtype = COMPUTE_DTYPES[precision]
         self.recompute = recompute
+        self.xla = xla
         self.loss_scaling = precision == 'float16'
         self.param_names = list(model.parameter_shapes(hparams))
         with self.strategy.scope():
@@ -114,7 +115,10 @@ class Trainer:
         """
         values = [tf.convert_to_tensor(p) for p in self.params]
         if tokens.shape[0] == 1:
-            return self._gradients(values, tokens[0], weights[0], total_weight, loss_scale)
+            # Traced into the step's own graph, not as a function of its own (unless XLA
+            # compiles it): one graph less to keep.
+            gradients = self._gradients if self.xla else self._micro_batch_gradients
+            return gradients(values, tokens[0], weights[0], total_weight, loss_scale)
         loss_sum, added = 0.0, []
         for k in range(tokens.shape[0]):
             # One micro-batch after the other: run side by side, their activations would

@@ -362,3 +362,19 @@ def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path, tiny_model_di
     assert 'Resuming' in capsys.readouterr().err
     assert not list(run_dir.glob('.tmp-*'))
     assert read_tensors(load_model_dir(run_dir).checkpoint, ['global_step'])['global_step'] == 6
+
+
+def test_process_memory_settings(monkeypatch):
+    # run_finetune.py tunes glibc malloc always, and with --recompute turns oneDNN off unless
+    # the environment already says otherwise (finetune.memory; measured in report/finetune.md).
+    from finetune import memory
+    if sys.platform.startswith('linux'):
+        assert memory.tune_malloc()
+    monkeypatch.delenv('TF_ENABLE_ONEDNN_OPTS', raising=False)
+    memory.prepare_process(recompute=False)
+    assert 'TF_ENABLE_ONEDNN_OPTS' not in os.environ
+    memory.prepare_process(recompute=True)
+    assert os.environ['TF_ENABLE_ONEDNN_OPTS'] == '0'
+    monkeypatch.setenv('TF_ENABLE_ONEDNN_OPTS', '1')
+    memory.prepare_process(recompute=True)
+    assert os.environ['TF_ENABLE_ONEDNN_OPTS'] == '1'
