@@ -3,6 +3,7 @@
 Tiny models (conftest.TINY, n_ctx 64) and datasets made with numpy; most runs call main()
 in-process; a few run it as a user would, to check exit codes, signals and stderr.
 """
+import json
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from finetune.loop import LoopConfig, train_loop
 from finetune.optimizers import OPTIMIZERS, warmup_learning_rate
 from finetune.run_dir import initial_values
 from finetune.trainer import Trainer
-from helpers import REPO, assert_usage_error, run_script
+from helpers import REPO, assert_usage_error, load_script, run_script
 from model_dir import load_model_dir, read_tensors
 
 EOT = 20572
@@ -246,6 +247,51 @@ def test_the_run_directory_loads_as_a_model_and_in_tf1_code(tmp_path, tiny_model
     np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=1e-5)
     assert not np.allclose(ours, model.forward(model.init_parameters(TINY, seed=1), tokens,
                                                hparams=TINY)['logits'].numpy())
+
+
+def tf1_outputs(run_dir, tokens):
+    """Log-probabilities [seq, vocab] and final hidden states [seq, embd] of `tokens`, from a
+    plain TF1 graph restored with tf.compat.v1.train.Saver: what TF1-style code sees."""
+    v1 = tf.compat.v1
+    with tf.Graph().as_default(), v1.Session() as sess:
+        params = model.tf1_parameters(TINY)
+        out = model.forward(params, tf.constant([tokens]), hparams=TINY)
+        v1.train.Saver(var_list=params).restore(sess, v1.train.latest_checkpoint(str(run_dir)))
+        log_probs, hidden = sess.run([tf.nn.log_softmax(out['logits'])[0], out['hidden'][0]])
+    return log_probs, hidden
+
+
+def test_the_run_directory_works_in_every_script(tmp_path, tiny_model_dir, dataset, capsys):
+    assert finetune(tmp_path, tiny_model_dir, dataset, '--run_name', 'r', '--max_steps', 2,
+                    '--learning_rate', 1e-3) == 0
+    run_dir, text = tmp_path / 'r', '今日は晴れ。'
+    capsys.readouterr()
+    encoder = load_model_dir(run_dir).load_encoder()
+    ids = encoder.encode(text)
+    log_probs, hidden = tf1_outputs(run_dir, [encoder.eot_id] + ids)
+    targets = ids + [encoder.eot_id]
+    expected_total = sum(float(log_probs[i, t]) for i, t in enumerate(targets))
+
+    lines = tmp_path / 'lines.txt'
+    lines.write_text(text + '\n', encoding='utf-8')
+    assert load_script('gpt2-score.py').main(['--model', str(run_dir), str(lines), '--gpu', '-1']) == 0
+    printed_text, printed_total = capsys.readouterr().out.rstrip('\n').split('\t')
+    assert printed_text == text
+    assert float(printed_total) == pytest.approx(expected_total, rel=1e-4)
+
+    assert load_script('gpt2-transform.py').main(['--model', str(run_dir), '--context', text,
+                                                  '--gpu', '-1']) == 0
+    vector = json.loads(capsys.readouterr().out)
+    _, context_hidden = tf1_outputs(run_dir, ids)
+    np.testing.assert_allclose(vector, context_hidden[-1], rtol=1e-4, atol=1e-5)
+
+    assert load_script('gpt2-generate.py').main(['--model', str(run_dir), '--context', text,
+                                                 '--top_k', '1', '--min_length', '5', '--max_length',
+                                                 '5', '--num_generate', '1', '--gpu', '-1']) == 0
+    next_log_probs = log_probs[len(ids)].copy()
+    next_log_probs[encoder.eot_id] = -np.inf  # --min_length forbids ending at once
+    greedy = encoder.decode([int(np.argmax(next_log_probs))])  # the first greedy token
+    assert capsys.readouterr().out.startswith(greedy[:1])
 
 
 def test_validation_and_samples_are_printed(tmp_path, tiny_model_dir, dataset, capsys):

@@ -1,5 +1,4 @@
 """Sampling and gpt2-generate.py: the cached step, the sampling distribution, stopping, output."""
-import importlib.util
 import json
 
 import numpy as np
@@ -8,7 +7,7 @@ import tensorflow as tf
 
 import sample
 from conftest import TINY
-from helpers import REPO, assert_usage_error, run_script
+from helpers import assert_usage_error, load_script, run_script
 from model import DensePieces, HParams, forward, forward_cached, init_parameters, new_kv_cache
 
 SMALL_VOCAB = HParams(n_vocab=97, n_ctx=32, n_embd=32, n_head=4, n_layer=3)
@@ -17,10 +16,7 @@ EOT = SMALL_VOCAB.n_vocab - 1
 
 @pytest.fixture(scope='module')
 def generate_script():
-    spec = importlib.util.spec_from_file_location('gpt2_generate', REPO / 'gpt2-generate.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('gpt2-generate.py')
 
 
 def run_main(script, capsys, *args):

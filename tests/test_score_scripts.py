@@ -1,20 +1,12 @@
 """gpt2-score.py and gpt2-transform.py as a user runs them: the reference numbers in the
 original output formats, the new flags, and one-line errors for bad input."""
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 
 import cli
-from helpers import REPO, assert_usage_error, run_script
-
-
-def load_script(file_name):
-    spec = importlib.util.spec_from_file_location(file_name.replace('-', '_')[:-3], REPO / file_name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import assert_usage_error, load_script, run_script
 
 
 score_script = load_script('gpt2-score.py')
