@@ -54,7 +54,7 @@ def child_train(config, steps, model_dir):
     from finetune.memory import prepare_process
     if config.get('process_settings', True):  # what run_finetune.py does before importing TF
         prepare_process(recompute=config.get('recompute', False))
-    tf = cli.prepare_tensorflow()
+    cli.prepare_tensorflow()
     import model
     from finetune.optimizers import make_optimizer
     from finetune.run_dir import initial_values
