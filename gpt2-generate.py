@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import cli
+import streams  # no TensorFlow: safe before prepare_tensorflow
 
 SEPARATOR = '========'
 DEFAULT_CONTEXT = '<|endoftext|>'
@@ -86,7 +87,7 @@ def main(argv=None):
     from tqdm import tqdm
 
     import sample
-    from model_dir import load_model_dir, write_text_atomic
+    from model_dir import load_model_dir
 
     loaded = load_model_dir(args.model, vocab_dir=args.vocab)
     settings = sample.Settings(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
@@ -118,7 +119,7 @@ def main(argv=None):
     text = format_samples(samples, args.format, context=args.context)
     if args.output_file:
         try:
-            write_text_atomic(args.output_file, text)
+            streams.write_text_atomic(args.output_file, text)
         except OSError as exc:
             raise cli.UsageError(f'cannot write --output_file {args.output_file}: {exc}') from None
     else:

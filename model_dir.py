@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import tensorflow as tf
 from cli import UsageError
 from encoder.vocab import EMOJI_FILE, VOCAB_FILE, find_vocab_dir, read_vocab
 from model import SCOPE, HParams, parameter_shapes
+from streams import write_text_atomic
 
 HPARAMS_FILE = 'hparams.json'
 CHECKPOINT_STATE_FILE = 'checkpoint'
@@ -244,22 +244,6 @@ def write_checkpoint_state(directory, prefix_name, *, all_names=None):
     text = f'model_checkpoint_path: "{prefix_name}"\n' + ''.join(
         f'all_model_checkpoint_paths: "{n}"\n' for n in all_names)
     write_text_atomic(Path(directory) / CHECKPOINT_STATE_FILE, text)
-
-
-def write_text_atomic(path, text):
-    """Replace `path` with `text` so that readers see the old or the new file, never half."""
-    path = Path(path)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f'.tmp-{path.name}-')
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
 
 
 def write_hparams(directory, hparams):

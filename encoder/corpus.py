@@ -13,9 +13,7 @@ Readers that expect int64 work unchanged for loading, slicing, concatenating and
 a model; cast with `.astype(np.int64)` before arithmetic that may leave 0..65535.
 """
 import multiprocessing
-import os
 import sys
-import tempfile
 import threading
 import time
 import zipfile
@@ -27,6 +25,7 @@ from tqdm import tqdm
 
 from cli import UsageError
 from encoder.bpe import END_OF_TEXT, get_encoder
+from streams import atomic_output
 
 ID_DTYPE = np.uint16
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
@@ -167,21 +166,14 @@ def write_npz(dst, arrays):
     if dst.is_dir():
         raise UsageError(f'--dst_file {dst} is a folder')
     try:
-        handle, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f'.{dst.name}.', suffix='.tmp')
-    except OSError as exc:
-        raise UsageError(f'cannot write {dst}: {exc.strerror}') from None
-    try:
-        with os.fdopen(handle, 'wb') as tmp, zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED) as npz:
+        with atomic_output(dst) as tmp, zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED) as npz:
             for index, array in enumerate(arrays):
                 # A fixed time stamp, so the same corpus always gives the same bytes.
                 member = zipfile.ZipInfo(f'arr_{index}.npy', date_time=ZIP_DATE_TIME)
                 with npz.open(member, 'w', force_zip64=True) as f:
                     np.lib.format.write_array(f, array, allow_pickle=False)
-        os.chmod(tmp_name, 0o666 & ~current_umask())  # mkstemp made it private
-        os.replace(tmp_name, dst)
-    except BaseException:
-        os.unlink(tmp_name)
-        raise
+    except OSError as exc:
+        raise UsageError(f'cannot write {dst}: {exc.strerror or exc}') from None
 
 
 def encode_folder(src_dir, dst_file, *, vocab_dir, combine=50000, clean=False,
@@ -207,12 +199,6 @@ def encode_folder(src_dir, dst_file, *, vocab_dir, combine=50000, clean=False,
 
     write_npz(dst, arrays())
     return totals
-
-
-def current_umask():
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 def load_arrays(npz_file):
