@@ -30,6 +30,15 @@ def add_common_flags(parser, *, gpu=True):
                                  '-1 runs on the CPU')
 
 
+def add_model_flags(parser):
+    """--model and --vocab, for every script that runs a model directory (model_dir.py)."""
+    parser.add_argument('--model', default='gpt2ja-medium',
+                        help='model directory (checkpoint, hparams.json, usually the vocabulary)')
+    parser.add_argument('--vocab', metavar='DIR', default=None,
+                        help='directory with ja-bpe.txt and emoji.json; when not given: the model '
+                             'directory, then $GPT2JA_VOCAB_DIR, then encoder/')
+
+
 def prepare_tensorflow(*, verbose=False, gpu=None):
     """Set up TensorFlow's environment; call before TensorFlow is imported.
 

@@ -20,10 +20,7 @@ DEFAULT_CONTEXT = '<|endoftext|>'
 def build_parser():
     parser = cli.ArgumentParser(description=__doc__.split('\n\n')[0])
     source = parser.add_argument_group('model and context')
-    source.add_argument('--model', default='gpt2ja-medium',
-                        help='model directory (checkpoint, hparams.json, usually the vocabulary)')
-    source.add_argument('--vocab', default=None,
-                        help='directory of ja-bpe.txt and emoji.json, when not in the model directory')
+    cli.add_model_flags(source)
     source.add_argument('--context', default=DEFAULT_CONTEXT,
                         help='text to continue; <|endoftext|> (or empty) generates from nothing. '
                              'A context longer than half the window keeps its end (noted on stderr)')

@@ -19,10 +19,7 @@ import streams  # no TensorFlow: safe before prepare_tensorflow
 def parse_args(argv=None):
     parser = cli.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('input_file', help='text file, one text a line (blank lines skipped); - for stdin')
-    parser.add_argument('--model', default='gpt2ja-medium', help='model directory (checkpoint, hparams.json)')
-    parser.add_argument('--vocab', default=None,
-                        help='directory with ja-bpe.txt and emoji.json; when not given: the model '
-                             'directory, then $GPT2JA_VOCAB_DIR, then encoder/')
+    cli.add_model_flags(parser)
     parser.add_argument('--tokens', action='store_true',
                         help='after each line, print token<TAB>logprob for every token, then an empty line')
     parser.add_argument('--exclude-end', action='store_true', help='do not score the <|endoftext|> after each line')

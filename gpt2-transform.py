@@ -19,10 +19,7 @@ def parse_args(argv=None):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument('--context', help='the text to vectorise')
     source.add_argument('--input', help='text file, one text a line (no blank lines); - for stdin')
-    parser.add_argument('--model', default='gpt2ja-medium', help='model directory (checkpoint, hparams.json)')
-    parser.add_argument('--vocab', default=None,
-                        help='directory with ja-bpe.txt and emoji.json; when not given: the model '
-                             'directory, then $GPT2JA_VOCAB_DIR, then encoder/')
+    cli.add_model_flags(parser)
     parser.add_argument('--pooling', choices=('last', 'mean'), default='last',
                         help="last: the hidden state at the last token (the original's vector); "
                              'mean: the mean over all tokens')
