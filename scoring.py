@@ -103,8 +103,8 @@ class ModelRunner:
         self._params = {name: tf.constant(value) for name, value in params.items()}
         tokens = tf.TensorSpec([None, None], tf.int32)
         # One input signature each: any batch and length runs through the same graph.
-        self._logprobs_fn = tf.function(self._target_logprobs, input_signature=[tokens, tokens])
-        self._vectors_fn = tf.function(self._pooled_hidden,
+        self._logprobs_fn = tf.function(self._target_logprobs, input_signature=[tokens, tokens], autograph=False)
+        self._vectors_fn = tf.function(self._pooled_hidden, autograph=False,
                                        input_signature=[tokens, tf.TensorSpec([None], tf.int32)])
 
     def _target_logprobs(self, inputs, targets):
