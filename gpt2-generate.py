@@ -102,7 +102,7 @@ def main(argv=None):
         if streaming:
             on_text = shown.update
         samples = sample.generate_texts(
-            loaded.load_parameters(), loaded.hparams, encoder, kept,
+            loaded.parameter_loaders(), loaded.hparams, encoder, kept,
             num_samples=args.num_generate, max_length=args.max_length, settings=settings,
             batch_size=args.batch_size, seed=args.seed, xla=args.xla,
             on_text=on_text, on_done=progress.finish_sample)

@@ -99,8 +99,11 @@ class ModelRunner:
     """The model's parameters and the traced functions that run it over padded batches."""
 
     def __init__(self, params, hparams):
+        """params: name -> array or tensor, or a zero-argument function returning one
+        (`ModelDir.parameter_loaders()`: read one at a time, so no second copy is held)."""
         self.hparams = hparams
-        self._params = {name: tf.constant(value) for name, value in params.items()}
+        self._params = {name: tf.convert_to_tensor(value() if callable(value) else value)
+                        for name, value in params.items()}
         tokens = tf.TensorSpec([None, None], tf.int32)
         # One input signature each: any batch and length runs through the same graph.
         self._logprobs_fn = tf.function(self._target_logprobs, input_signature=[tokens, tokens], autograph=False)
