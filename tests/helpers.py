@@ -1,12 +1,14 @@
 """Running the project's scripts from tests: in a child process as a user would, or their
-main() in-process (faster: no TensorFlow start-up per call)."""
+main() in this process (faster: no TensorFlow start-up per call)."""
 import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import pytest
+
+import cli
+from conftest import REPO
 
 
 def load_script(file_name):
@@ -15,6 +17,24 @@ def load_script(file_name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_main(script, capsys, *args):
+    """Call `script.main(args)` in-process, expecting exit code 0; returns what it printed
+    (`.out`, `.err`)."""
+    assert script.main([str(a) for a in args]) == 0
+    return capsys.readouterr()
+
+
+def run_as_script(main, args, capfd, *, prog='script'):
+    """Call `main(args)` under cli.run_main, as a script's entry point does, but in this
+    process; returns a CompletedProcess: the exit code, and what reached file descriptors 1
+    and 2 (TensorFlow's own log lines included), as run_script would."""
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as end:
+        cli.run_main(main, [str(a) for a in args], prog=prog)
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(args, end.value.code, out, err)
 
 
 def run_script(script, *args, stdin=None, env=None, timeout=300):

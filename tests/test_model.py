@@ -4,11 +4,9 @@ import pytest
 import tensorflow as tf
 
 import model
-from conftest import TINY
+from conftest import SMALL_VOCAB, TINY
 from model import HParams, forward, init_parameters, parameter_shapes
 from model_dir import load_model_dir, save_model_dir
-
-SMALL_VOCAB = HParams(n_vocab=97, n_ctx=32, n_embd=32, n_head=4, n_layer=3)
 
 
 def test_released_sizes_have_the_published_parameter_counts():
