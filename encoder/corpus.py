@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from cli import UsageError
 from encoder.bpe import END_OF_TEXT, get_encoder
-from streams import atomic_output
+from files import atomic_output
 
 ID_DTYPE = np.uint16
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
