@@ -94,6 +94,7 @@ def texts(emoji_keys, clean):
     return st.lists(fragments(emoji_keys, clean), max_size=40).map(''.join)
 
 
+@pytest.mark.slow
 @GENERATED
 @given(data=st.data())
 def test_generated_texts_match_plain_encoder(encoder, plain, data):
@@ -103,6 +104,7 @@ def test_generated_texts_match_plain_encoder(encoder, plain, data):
     assert encoder.decode(ids) == plain.decode(ids)
 
 
+@pytest.mark.slow
 @GENERATED
 @given(data=st.data())
 def test_generated_texts_with_clean_match_plain_encoder(encoder, plain, data):

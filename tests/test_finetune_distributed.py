@@ -12,6 +12,9 @@ import pytest
 from conftest import REPO
 from model_dir import load_model_dir, read_tensors
 
+# Each test starts TensorFlow in two child processes.
+pytestmark = pytest.mark.slow
+
 
 def test_mirrored_on_two_devices_equals_one_device(tiny_model_dir, tiny_dataset):
     result = subprocess.run([sys.executable, 'tests/distributed_run.py', str(tiny_model_dir),

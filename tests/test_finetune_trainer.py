@@ -23,6 +23,7 @@ def sequences(tiny_dataset):
     return load_sequences(tiny_dataset, n_ctx=TINY.n_ctx, n_vocab=TINY.n_vocab, pad_id=EOT)
 
 
+@pytest.mark.slow
 def test_accumulated_gradient_equals_the_large_batch(tiny_model_dir, sequences):
     # Includes the padded last sequence, so the per-token normalisation is tested too.
     tokens, weights = sequences.batch([0, 3, 12, 5])

@@ -87,7 +87,9 @@ def truncated_softmax(logits, *, top_k, top_p, temperature):
 
 
 @pytest.mark.parametrize('top_k, top_p, temperature', [
-    (0, 0.0, 1.0), (5, 0.0, 1.0), (10, 0.0, 0.7), (40, 0.6, 1.0), (3, 0.9, 1.5)])
+    (3, 0.9, 1.5),  # top_p, top_k and temperature together; the other cases are slow
+    *(pytest.param(*case, marks=pytest.mark.slow)
+      for case in [(0, 0.0, 1.0), (5, 0.0, 1.0), (10, 0.0, 0.7), (40, 0.6, 1.0)])])
 def test_first_tokens_follow_the_truncated_renormalised_softmax(top_k, top_p, temperature):
     params = init_parameters(SMALL_VOCAB, seed=6)
     # Sharpen the output so that truncation matters (random init is nearly uniform).
@@ -126,6 +128,7 @@ def eot_loving_parameters():
     return params
 
 
+@pytest.mark.slow
 def test_min_length_forbids_end_of_text_in_the_first_tokens():
     params = eot_loving_parameters()
     assert sample.generate(params, SMALL_VOCAB, [1, 2], max_tokens=20, eot_id=SMALL_EOT, top_k=1) == [[]]
@@ -135,6 +138,7 @@ def test_min_length_forbids_end_of_text_in_the_first_tokens():
     assert all(SMALL_EOT not in tokens for tokens in out)
 
 
+@pytest.mark.slow
 def test_generation_stops_at_max_tokens_and_is_reproducible_with_a_seed():
     params = init_parameters(SMALL_VOCAB, seed=8)
     kwargs = dict(max_tokens=7, eot_id=SMALL_EOT, batch_size=3, top_k=0, min_length=7)
@@ -154,6 +158,7 @@ def test_settings_outside_their_ranges_are_rejected():
 
 # --- gpt2-generate.py ------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize('xla', ['off', 'dense'])
 def test_greedy_generation_of_tiny_a_reproduces_the_reference(generate_script, capsys,
                                                               reference_dir, vocab_dir, xla):
@@ -167,6 +172,7 @@ def test_greedy_generation_of_tiny_a_reproduces_the_reference(generate_script, c
         assert record['context'] == case['context']
 
 
+@pytest.mark.slow
 def test_text_output_is_samples_separated_by_lines_of_equals(generate_script, capsys, tiny_model_dir):
     out = run_main(generate_script, capsys, '--model', tiny_model_dir, '--num_generate', 3,
                    '--max_length', 12, '--seed', 1, '--context', '吾輩は猫である。')
@@ -191,6 +197,7 @@ def test_samples_stop_at_max_length_with_at_most_one_token_to_spare(generate_scr
         assert record['text'] == encoder.decode(record['tokens'])[:15]
 
 
+@pytest.mark.slow
 def test_text_longer_than_the_window_goes_on_from_the_recent_text(generate_script, capsys, tmp_path,
                                                                   synthetic_vocab_dir):
     # A tiny model that never predicts end-of-text, so that only --max_length ends the sample.
@@ -206,6 +213,7 @@ def test_text_longer_than_the_window_goes_on_from_the_recent_text(generate_scrip
     assert len(record['text']) == 1000 and record['stop_reason'] == 'max_length'
 
 
+@pytest.mark.slow
 def test_output_file_has_the_stdout_format_and_replaces_the_file_whole(generate_script, capsys,
                                                                         tiny_model_dir, tmp_path):
     target = tmp_path / 'out.txt'
@@ -217,6 +225,7 @@ def test_output_file_has_the_stdout_format_and_replaces_the_file_whole(generate_
     assert [p.name for p in tmp_path.iterdir()] == ['out.txt']
 
 
+@pytest.mark.slow
 def test_one_sample_streams_to_a_terminal(generate_script, capsys, tiny_model_dir, monkeypatch):
     import sys
     pieces = []
@@ -242,9 +251,12 @@ def test_min_length_beyond_the_window_is_a_one_line_error(generate_script, tiny_
     assert_usage_error(result, 'min_length', str(TINY.n_ctx))
 
 
-def test_an_over_long_context_keeps_its_end_says_so_and_stderr_is_otherwise_clean(tiny_model_dir):
-    result = run_script('gpt2-generate.py', '--model', tiny_model_dir, '--num_generate', 1,
-                        '--max_length', 5, '--seed', 1, '--context', '吾輩は猫である。' * 20)
+@pytest.mark.slow
+def test_an_over_long_context_keeps_its_end_says_so_and_stderr_is_otherwise_clean(generate_script,
+                                                                                  tiny_model_dir, capfd):
+    result = run_as_script(generate_script.main, ['--model', tiny_model_dir, '--num_generate', 1,
+                                                  '--max_length', 5, '--seed', 1,
+                                                  '--context', '吾輩は猫である。' * 20], capfd)
     assert result.returncode == 0, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and 'keeping its last 32' in lines[0], result.stderr
@@ -258,6 +270,7 @@ def test_auto_compiles_the_dense_parts_for_one_row_only():
         sample.xla_mode('fast', batch_size=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('xla', ['full', 'dense'])
 def test_the_xla_steps_sample_what_the_plain_step_does(xla):
     params = init_parameters(SMALL_VOCAB, seed=9)

@@ -47,6 +47,7 @@ def test_a_token_never_sees_later_tokens():
     assert not np.allclose(a[:, 2:], b[:, 2:])
 
 
+@pytest.mark.slow
 def test_forward_runs_inside_tf_function_with_unknown_lengths():
     params = {k: tf.constant(v) for k, v in init_parameters(SMALL_VOCAB, seed=5).items()}
     traced = tf.function(lambda t: forward(params, t, hparams=SMALL_VOCAB)['logits'],
@@ -96,6 +97,7 @@ def test_inconsistent_hparams_are_refused(bad):
         HParams(**values)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('recompute', [False, True])
 def test_training_path_has_the_plain_networks_loss_and_gradients(recompute):
     # training_hidden recomputes attention probabilities (and with `recompute` whole blocks)

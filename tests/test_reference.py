@@ -38,6 +38,7 @@ def test_vectors_match_the_reference(tiny_a, expected):
         np.testing.assert_allclose(hidden.numpy(), case['vector'], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_greedy_continuations_match_the_reference(tiny_a, expected):
     loaded, params = tiny_a
     for case in expected['greedy']:

@@ -33,6 +33,7 @@ def run_params(run_dir):
     return load_model_dir(run_dir).load_parameters()
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, tiny_model_dir, tiny_dataset):
     common = ['--batch_size', 2, '--seed', 3, '--learning_rate', 1e-3, '--warmup_steps', 2, '--save_every', 0]
     assert finetune(tmp_path, tiny_model_dir, tiny_dataset, '--run_name', 'straight', '--max_steps', 8, *common) == 0
@@ -51,6 +52,7 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, tiny_model_di
     assert (tmp_path / 'resumed' / 'counter').read_text().strip() == '8'
 
 
+@pytest.mark.slow
 def test_the_run_directory_loads_as_a_model_and_in_tf1_code(tmp_path, tiny_model_dir, tiny_dataset):
     assert finetune(tmp_path, tiny_model_dir, tiny_dataset, '--run_name', 'r', '--max_steps', 3,
                     '--learning_rate', 1e-3, '--keep', 2, '--save_every', 1) == 0
@@ -86,6 +88,7 @@ def tf1_outputs(run_dir, tokens):
     return log_probs, hidden
 
 
+@pytest.mark.slow
 def test_the_run_directory_works_in_every_script(tmp_path, tiny_model_dir, tiny_dataset, capsys):
     assert finetune(tmp_path, tiny_model_dir, tiny_dataset, '--run_name', 'r', '--max_steps', 2,
                     '--learning_rate', 1e-3) == 0
@@ -120,6 +123,7 @@ def test_the_run_directory_works_in_every_script(tmp_path, tiny_model_dir, tiny_
     assert first_token == int(np.argmax(next_log_probs))  # greedy
 
 
+@pytest.mark.slow
 def test_validation_and_samples_are_printed(tmp_path, tiny_model_dir, tiny_dataset, capsys):
     assert finetune(tmp_path, tiny_model_dir, tiny_dataset, '--max_steps', 2, '--val_fraction', 0.25,
                     '--val_every', 2, '--sample_every', 2, '--sample_length', 5, '--batch_size', 2) == 0
@@ -134,7 +138,7 @@ def test_validation_and_samples_are_printed(tmp_path, tiny_model_dir, tiny_datas
     ('too_short', ['has 40 tokens', 'fewer than one sequence']),
     ('bad_ids', [f'id {TINY.n_vocab}', 'outside the vocabulary']),
     ('no_base', ['does not exist']),
-    ('other_base', ['was made from the base model']),
+    pytest.param('other_base', ['was made from the base model'], marks=pytest.mark.slow),  # trains first
 ])
 def test_bad_input_is_one_line_before_training(tmp_path, tiny_model_dir, tiny_dataset, case, fragments):
     data, base = tiny_dataset, tiny_model_dir
@@ -159,6 +163,7 @@ def test_bad_input_is_one_line_before_training(tmp_path, tiny_model_dir, tiny_da
 
 # -- as a user runs it (subprocesses) --------------------------------------------------------
 
+@pytest.mark.slow
 def test_usage_error_and_clean_stderr(tmp_path, tiny_model_dir, tiny_dataset):
     result = run_script('run_finetune.py', '--dataset', tiny_dataset, '--base_model', tiny_model_dir,
                         '--checkpoint_dir', tmp_path, '--batch_size', 0)
@@ -193,6 +198,7 @@ def wait_for_line(stream, fragment, timeout=60):
     raise AssertionError(f'{fragment!r} not seen in {seen}')
 
 
+@pytest.mark.slow
 def test_sigterm_saves_once_and_exits_cleanly(tmp_path, tiny_model_dir, tiny_dataset):
     process = start_run(tmp_path, tiny_model_dir, tiny_dataset, '--max_steps', 100000, '--save_every', 0)
     wait_for_line(process.stderr, '[3 |')
@@ -218,6 +224,7 @@ os.replace = _pausing_replace
 '''
 
 
+@pytest.mark.slow
 def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path, tiny_model_dir, tiny_dataset, capsys):
     process = start_run(tmp_path, tiny_model_dir, tiny_dataset, '--max_steps', 6, '--save_every', 2,
                         '--seed', 1, prelude=PAUSE_IN_SAVE)

@@ -51,6 +51,7 @@ def parse_scores(out):
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('exclude_end', [False, True])
 def test_score_reproduces_the_reference(capsys, tmp_path, tiny_a, expected, exclude_end):
     cases = [c for c in expected['score'] if c['exclude_end'] == exclude_end]
@@ -74,6 +75,7 @@ def test_score_reproduces_the_reference(capsys, tmp_path, tiny_a, expected, excl
         assert record['perplexity'] == pytest.approx(np.exp(-case['total'] / len(case['tokens'])), rel=1e-3)
 
 
+@pytest.mark.slow
 def test_score_prints_the_original_lines_and_an_optional_perplexity_column(capsys, tmp_path, tiny_a, expected):
     case = expected['score'][0]
     texts = write_lines(tmp_path / 'in.txt', [case['text']])
@@ -82,6 +84,7 @@ def test_score_prints_the_original_lines_and_an_optional_perplexity_column(capsy
     assert float(ppl) == pytest.approx(np.exp(-case['total'] / len(case['tokens'])), rel=1e-3)
 
 
+@pytest.mark.slow
 def test_transform_reproduces_the_reference(capsys, tiny_a, expected):
     for case in expected['transform']:
         out = stdout_of(capsys, transform_script, *tiny_a, '--context', case['context'])
@@ -89,6 +92,7 @@ def test_transform_reproduces_the_reference(capsys, tiny_a, expected):
         np.testing.assert_allclose(json.loads(out), case['vector'], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_transform_of_many_texts_gives_lines_or_a_matrix(capsys, tmp_path, tiny):
     # One vector a line, or a float32 matrix, in input order: each the vector of --context.
     contexts = ['吾輩は猫である。', '今日は晴れ。', '犬がいる']
@@ -135,6 +139,7 @@ def test_empty_input_is_an_error(tmp_path, tiny):
     assert not (tmp_path / 'v.npy').exists()
 
 
+@pytest.mark.slow
 def test_score_script_from_stdin_with_a_clean_stderr(tiny_model_dir):
     result = run_script('gpt2-score.py', '--model', tiny_model_dir, '--gpu', '-1', '-',
                         stdin='猫\n\n犬がいる\n')
