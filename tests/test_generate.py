@@ -6,12 +6,12 @@ import pytest
 import tensorflow as tf
 
 import sample
-from conftest import EOT, SMALL_VOCAB, TINY
+from conftest import SMALL_VOCAB, TINY
 from helpers import assert_usage_error, load_script, run_as_script, run_main, run_script
 from model import DensePieces, forward, forward_cached, init_parameters, new_kv_cache
 from model_dir import save_model_dir
 
-SMALL_EOT = SMALL_VOCAB.n_vocab - 1  # the end-of-text id of the SMALL_VOCAB models here
+EOT = SMALL_VOCAB.n_vocab - 1  # of the SMALL_VOCAB models here; TINY's is TINY.n_vocab - 1
 
 
 @pytest.fixture(scope='module')
@@ -100,7 +100,7 @@ def test_first_tokens_follow_the_truncated_renormalised_softmax(top_k, top_p, te
     expected = truncated_softmax(logits, top_k=top_k, top_p=top_p, temperature=temperature)
     settings = sample.Settings(top_k=top_k, top_p=top_p, temperature=temperature)
     sampler = sample.BatchSampler(params, SMALL_VOCAB, batch_size=draws, settings=settings,
-                                  eot_id=SMALL_EOT, rng=sample.make_rng(1234))
+                                  eot_id=EOT, rng=sample.make_rng(1234))
     first, _ = sampler.start([context] * draws, np.zeros(draws, bool))
     counts = np.bincount(first, minlength=SMALL_VOCAB.n_vocab)
     assert counts[expected == 0].sum() == 0, 'a token outside the truncation was drawn'
@@ -124,24 +124,24 @@ def eot_loving_parameters():
     direction = np.random.default_rng(0).normal(size=SMALL_VOCAB.n_embd).astype(np.float32)
     params['model/ln_f/g'] = np.zeros_like(params['model/ln_f/g'])
     params['model/ln_f/b'] = direction
-    params['model/wte'][SMALL_EOT] = direction * 10
+    params['model/wte'][EOT] = direction * 10
     return params
 
 
 @pytest.mark.slow
 def test_min_length_forbids_end_of_text_in_the_first_tokens():
     params = eot_loving_parameters()
-    assert sample.generate(params, SMALL_VOCAB, [1, 2], max_tokens=20, eot_id=SMALL_EOT, top_k=1) == [[]]
-    out = sample.generate(params, SMALL_VOCAB, [1, 2], max_tokens=20, eot_id=SMALL_EOT, top_k=1,
+    assert sample.generate(params, SMALL_VOCAB, [1, 2], max_tokens=20, eot_id=EOT, top_k=1) == [[]]
+    out = sample.generate(params, SMALL_VOCAB, [1, 2], max_tokens=20, eot_id=EOT, top_k=1,
                           min_length=5, batch_size=2, seed=0)
     assert [len(tokens) for tokens in out] == [5, 5]
-    assert all(SMALL_EOT not in tokens for tokens in out)
+    assert all(EOT not in tokens for tokens in out)
 
 
 @pytest.mark.slow
 def test_generation_stops_at_max_tokens_and_is_reproducible_with_a_seed():
     params = init_parameters(SMALL_VOCAB, seed=8)
-    kwargs = dict(max_tokens=7, eot_id=SMALL_EOT, batch_size=3, top_k=0, min_length=7)
+    kwargs = dict(max_tokens=7, eot_id=EOT, batch_size=3, top_k=0, min_length=7)
     a = sample.generate(params, SMALL_VOCAB, [1, 2, 3], seed=5, **kwargs)
     b = sample.generate(params, SMALL_VOCAB, [1, 2, 3], seed=5, **kwargs)
     c = sample.generate(params, SMALL_VOCAB, [1, 2, 3], seed=6, **kwargs)
@@ -204,7 +204,7 @@ def test_text_longer_than_the_window_goes_on_from_the_recent_text(generate_scrip
     params = init_parameters(TINY, seed=1)
     direction = np.random.default_rng(0).normal(size=TINY.n_embd).astype(np.float32)
     params['model/ln_f/b'] = direction
-    params['model/wte'][EOT] = -10 * direction
+    params['model/wte'][TINY.n_vocab - 1] = -10 * direction  # <|endoftext|>
     save_model_dir(tmp_path, params, TINY, vocab_dir=synthetic_vocab_dir)
     out = run_main(generate_script, capsys, '--model', tmp_path, '--num_generate', 1,
                    '--max_length', 1000, '--min_length', TINY.n_ctx, '--seed', 3, '--format', 'jsonl')
@@ -274,7 +274,7 @@ def test_auto_compiles_the_dense_parts_for_one_row_only():
 @pytest.mark.parametrize('xla', ['full', 'dense'])
 def test_the_xla_steps_sample_what_the_plain_step_does(xla):
     params = init_parameters(SMALL_VOCAB, seed=9)
-    kwargs = dict(max_tokens=SMALL_VOCAB.n_ctx, eot_id=SMALL_EOT, batch_size=2, top_k=1, min_length=30)
+    kwargs = dict(max_tokens=SMALL_VOCAB.n_ctx, eot_id=EOT, batch_size=2, top_k=1, min_length=30)
     plain = sample.generate(params, SMALL_VOCAB, [1, 2, 3], xla='off', **kwargs)
     assert sample.generate(params, SMALL_VOCAB, [1, 2, 3], xla=xla, **kwargs) == plain
     assert [len(tokens) for tokens in plain] == [SMALL_VOCAB.n_ctx - 2] * 2  # the window fills
