@@ -5,6 +5,7 @@ Only tests that compare against the reference data, or the encoder against the r
 vocabulary, need the shared data; they skip with a reason where it is absent. The shared
 data is looked for in $GPT2JA_SHARED, else beside the checkout.
 """
+import json
 import os
 import sys
 from pathlib import Path
@@ -55,6 +56,13 @@ def vocab_dir():
 @pytest.fixture(scope='session')
 def reference_dir():
     return _require(SHARED / 'reference', 'the reference data')
+
+
+@pytest.fixture(scope='session')
+def reference_expected(reference_dir):
+    """What the original code gave with the tiny-a checkpoint: token ids and log-probabilities
+    ('score'), vectors ('transform') and greedy continuations ('greedy')."""
+    return json.loads((reference_dir / 'tiny-a-expected.json').read_text(encoding='utf-8'))
 
 
 @pytest.fixture(scope='session')

@@ -14,18 +14,13 @@ transform_script = load_script('gpt2-transform.py')
 
 
 @pytest.fixture(scope='module')
-def expected(reference_dir):
-    return json.loads((reference_dir / 'tiny-a-expected.json').read_text(encoding='utf-8'))
-
-
-@pytest.fixture(scope='module')
-def tiny_a(reference_dir, vocab_dir):
+def tiny_a_flags(reference_dir, vocab_dir):
     """The flags that run the reference checkpoint."""
     return ['--model', str(reference_dir / 'tiny-a'), '--vocab', str(vocab_dir), '--gpu', '-1']
 
 
 @pytest.fixture(scope='module')
-def tiny(tiny_model_dir):
+def tiny_flags(tiny_model_dir):
     """The flags that run the tiny model of the synthetic vocabulary."""
     return ['--model', str(tiny_model_dir), '--gpu', '-1']
 
@@ -53,14 +48,14 @@ def parse_scores(out):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('exclude_end', [False, True])
-def test_score_reproduces_the_reference(capsys, tmp_path, tiny_a, expected, exclude_end):
-    cases = [c for c in expected['score'] if c['exclude_end'] == exclude_end]
+def test_score_reproduces_the_reference(capsys, tmp_path, tiny_a_flags, reference_expected, exclude_end):
+    cases = [c for c in reference_expected['score'] if c['exclude_end'] == exclude_end]
     # Blank lines are skipped and lines stripped, as the original read its input.
     texts = write_lines(tmp_path / 'in.txt', ['', *(f' {c["text"]} ' for c in cases), '   '])
     flags = ['--exclude-end'] if exclude_end else []
-    printed = parse_scores(stdout_of(capsys, score_script, *tiny_a, '--tokens', *flags, texts))
+    printed = parse_scores(stdout_of(capsys, score_script, *tiny_a_flags, '--tokens', *flags, texts))
     records = [json.loads(line) for line in
-               stdout_of(capsys, score_script, *tiny_a, '--format', 'jsonl', *flags, texts).splitlines()]
+               stdout_of(capsys, score_script, *tiny_a_flags, '--format', 'jsonl', *flags, texts).splitlines()]
     assert len(printed) == len(records) == len(cases)
     for case, (text, total, tokens), record in zip(cases, printed, records):
         assert text == record['text'] == case['text'].strip()
@@ -76,31 +71,32 @@ def test_score_reproduces_the_reference(capsys, tmp_path, tiny_a, expected, excl
 
 
 @pytest.mark.slow
-def test_score_prints_the_original_lines_and_an_optional_perplexity_column(capsys, tmp_path, tiny_a, expected):
-    case = expected['score'][0]
+def test_score_prints_the_original_lines_and_an_optional_perplexity_column(capsys, tmp_path, tiny_a_flags,
+                                                                           reference_expected):
+    case = reference_expected['score'][0]
     texts = write_lines(tmp_path / 'in.txt', [case['text']])
-    assert stdout_of(capsys, score_script, *tiny_a, texts) == '%s\t%.5g\n' % (case['text'], case['total'])
-    text, total, ppl = stdout_of(capsys, score_script, *tiny_a, '--ppl', texts).rstrip('\n').rsplit('\t', 2)
+    assert stdout_of(capsys, score_script, *tiny_a_flags, texts) == '%s\t%.5g\n' % (case['text'], case['total'])
+    text, total, ppl = stdout_of(capsys, score_script, *tiny_a_flags, '--ppl', texts).rstrip('\n').rsplit('\t', 2)
     assert float(ppl) == pytest.approx(np.exp(-case['total'] / len(case['tokens'])), rel=1e-3)
 
 
 @pytest.mark.slow
-def test_transform_reproduces_the_reference(capsys, tiny_a, expected):
-    for case in expected['transform']:
-        out = stdout_of(capsys, transform_script, *tiny_a, '--context', case['context'])
+def test_transform_reproduces_the_reference(capsys, tiny_a_flags, reference_expected):
+    for case in reference_expected['transform']:
+        out = stdout_of(capsys, transform_script, *tiny_a_flags, '--context', case['context'])
         assert out.startswith('[') and out.endswith(']\n') and out.count('\n') == 1
         np.testing.assert_allclose(json.loads(out), case['vector'], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
-def test_transform_of_many_texts_gives_lines_or_a_matrix(capsys, tmp_path, tiny):
+def test_transform_of_many_texts_gives_lines_or_a_matrix(capsys, tmp_path, tiny_flags):
     # One vector a line, or a float32 matrix, in input order: each the vector of --context.
     contexts = ['吾輩は猫である。', '今日は晴れ。', '犬がいる']
-    alone = [json.loads(stdout_of(capsys, transform_script, *tiny, '--context', c)) for c in contexts]
+    alone = [json.loads(stdout_of(capsys, transform_script, *tiny_flags, '--context', c)) for c in contexts]
     texts = write_lines(tmp_path / 'contexts.txt', contexts * 3)
-    lines = stdout_of(capsys, transform_script, *tiny, '--input', texts, '--batch_size', 2).splitlines()
+    lines = stdout_of(capsys, transform_script, *tiny_flags, '--input', texts, '--batch_size', 2).splitlines()
     matrix_path = tmp_path / 'vectors.npy'
-    assert stdout_of(capsys, transform_script, *tiny, '--input', texts, '--output', matrix_path) == ''
+    assert stdout_of(capsys, transform_script, *tiny_flags, '--input', texts, '--output', matrix_path) == ''
     matrix = np.load(matrix_path)
     assert matrix.dtype == np.float32 and matrix.shape == (9, len(alone[0]))
     for row, line, vector in zip(matrix, lines, alone * 3):
@@ -108,34 +104,34 @@ def test_transform_of_many_texts_gives_lines_or_a_matrix(capsys, tmp_path, tiny)
         np.testing.assert_allclose(json.loads(line), vector, rtol=1e-4, atol=1e-4)
     # An existing output is user data: kept unless --overwrite.
     with pytest.raises(cli.UsageError, match='--overwrite'):
-        transform_script.main([*tiny, '--input', str(texts), '--output', str(matrix_path)])
+        transform_script.main([*tiny_flags, '--input', str(texts), '--output', str(matrix_path)])
     mean = tmp_path / 'mean.npy'
-    stdout_of(capsys, transform_script, *tiny, '--input', texts, '--output', mean, '--pooling', 'mean')
+    stdout_of(capsys, transform_script, *tiny_flags, '--input', texts, '--output', mean, '--pooling', 'mean')
     assert np.load(mean).shape == matrix.shape and not np.allclose(np.load(mean), matrix)
 
 
-def test_non_utf8_input_names_the_line_or_is_replaced(capsys, tmp_path, tiny):
+def test_non_utf8_input_names_the_line_or_is_replaced(capsys, tmp_path, tiny_flags):
     bad = tmp_path / 'bad.txt'
     bad.write_bytes('猫\n\n犬\n'.encode() + b'\xff\xfe bad\n')
     with pytest.raises(cli.UsageError, match=r'line 4 is not UTF-8.*--errors replace'):
-        score_script.main([*tiny, str(bad)])
+        score_script.main([*tiny_flags, str(bad)])
     capsys.readouterr()
-    out = stdout_of(capsys, score_script, *tiny, '--errors', 'replace', bad)
+    out = stdout_of(capsys, score_script, *tiny_flags, '--errors', 'replace', bad)
     assert [line.split('\t')[0] for line in out.splitlines()] == ['猫', '犬', '\ufffd\ufffd bad']
 
 
-def test_transform_input_with_a_blank_line_is_an_error(tmp_path, tiny):
+def test_transform_input_with_a_blank_line_is_an_error(tmp_path, tiny_flags):
     with pytest.raises(cli.UsageError, match='line 2 is empty'):
-        transform_script.main([*tiny, '--input', str(write_lines(tmp_path / 'in.txt', ['猫', '', '犬']))])
+        transform_script.main([*tiny_flags, '--input', str(write_lines(tmp_path / 'in.txt', ['猫', '', '犬']))])
 
 
-def test_empty_input_is_an_error(tmp_path, tiny):
+def test_empty_input_is_an_error(tmp_path, tiny_flags):
     blank = write_lines(tmp_path / 'blank.txt', ['', '  '])
     with pytest.raises(cli.UsageError, match='no text'):
-        score_script.main([*tiny, str(blank)])
+        score_script.main([*tiny_flags, str(blank)])
     empty = write_lines(tmp_path / 'empty.txt', [])
     with pytest.raises(cli.UsageError, match='no text'):
-        transform_script.main([*tiny, '--input', str(empty), '--output', str(tmp_path / 'v.npy')])
+        transform_script.main([*tiny_flags, '--input', str(empty), '--output', str(tmp_path / 'v.npy')])
     assert not (tmp_path / 'v.npy').exists()
 
 
