@@ -5,6 +5,7 @@ Only tests that compare against the reference data, or the encoder against the r
 vocabulary, need the shared data; they skip with a reason where it is absent. The shared
 data is looked for in $GPT2JA_SHARED, else beside the checkout.
 """
+import dataclasses
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ import cli  # noqa: E402
 
 tf = cli.prepare_tensorflow()  # silences TensorFlow for the whole test session
 
-from model import HParams, init_parameters  # noqa: E402
+from model import RELEASED, HParams, init_parameters  # noqa: E402
 from model_dir import save_model_dir  # noqa: E402
 from synthetic_vocab import synthetic_tokens, write_synthetic_vocab  # noqa: E402
 
@@ -30,6 +31,9 @@ from synthetic_vocab import synthetic_tokens, write_synthetic_vocab  # noqa: E40
 # is the synthetic one.
 TINY = HParams(n_vocab=len(synthetic_tokens()), n_ctx=64, n_embd=32, n_head=4, n_layer=2)
 EOT = TINY.n_vocab - 1  # <|endoftext|>: the last entry of the synthetic vocabulary
+# TINY's sizes on the released vocabulary (20,573 entries), for the few tests that need its
+# size or its tokens: the model of `real_vocab_model_dir`.
+TINY_RELEASED_VOCAB = dataclasses.replace(TINY, n_vocab=RELEASED['gpt2ja-small'].n_vocab)
 # For tests of the network and the sampler that need no encoder: a vocabulary small
 # enough that sampling statistics over every token are cheap.
 SMALL_VOCAB = HParams(n_vocab=97, n_ctx=32, n_embd=32, n_head=4, n_layer=3)
@@ -84,6 +88,16 @@ def tiny_model_dir(tmp_path_factory, synthetic_vocab_dir):
     directory = tmp_path_factory.mktemp('tiny-model')
     save_model_dir(directory, init_parameters(TINY, seed=1), TINY, step=0,
                    vocab_dir=synthetic_vocab_dir)
+    return directory
+
+
+@pytest.fixture(scope='session')
+def real_vocab_model_dir(tmp_path_factory, vocab_dir):
+    """A tiny random model directory (TINY_RELEASED_VOCAB, seed 1) with the released
+    vocabulary; skipped without the shared data. Copy it before changing it."""
+    directory = tmp_path_factory.mktemp('tiny-model-released-vocab')
+    save_model_dir(directory, init_parameters(TINY_RELEASED_VOCAB, seed=1), TINY_RELEASED_VOCAB,
+                   step=0, vocab_dir=vocab_dir)
     return directory
 
 
