@@ -1,9 +1,10 @@
 """Running the project's scripts from tests: in a child process as a user would, or their
-main() in this process (faster: no TensorFlow start-up per call)."""
+main() in this process (faster: no TensorFlow start-up per call); fine-tuning runs either way."""
 import importlib.util
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -54,3 +55,34 @@ def assert_usage_error(result, *fragments):
     assert 'Traceback' not in result.stderr
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+def finetune(checkpoint_dir, base, dataset, *args):
+    """run_finetune.main() in this process, without XLA; returns the exit code."""
+    import run_finetune
+    return run_finetune.main(['--dataset', str(dataset), '--base_model', str(base),
+                              '--checkpoint_dir', str(checkpoint_dir), '--no-xla', *map(str, args)])
+
+
+def start_run(checkpoint_dir, base, dataset, *args, prelude=''):
+    """run_finetune.py in a child process (Popen, text pipes), as a user starts it; `prelude`
+    is Python run first, to patch the process."""
+    code = prelude + 'import cli, run_finetune; cli.run_main(run_finetune.main)'
+    return subprocess.Popen(
+        [sys.executable, '-c', code, '--dataset', str(dataset), '--base_model', str(base),
+         '--checkpoint_dir', str(checkpoint_dir), '--no-xla', *map(str, args)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED='1'))
+
+
+def wait_for_line(stream, fragment, timeout=120):
+    """Read `stream` until a line holds `fragment`; returns that line."""
+    deadline, seen = time.time() + timeout, []
+    while time.time() < deadline:
+        line = stream.readline()
+        seen.append(line)
+        if fragment in line:
+            return line
+        if not line:
+            break
+    raise AssertionError(f'{fragment!r} not seen in {seen}')

@@ -5,11 +5,7 @@ Most runs call main() in-process; a few run it in a child process, to check exit
 signals and stderr.
 """
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,16 +13,9 @@ import tensorflow as tf
 
 import cli
 import model
-import run_finetune
-from conftest import REPO, TINY
-from helpers import assert_usage_error, load_script, run_script
+from conftest import TINY
+from helpers import assert_usage_error, finetune, load_script, run_script, start_run, wait_for_line
 from model_dir import load_model_dir, read_tensors, save_model_dir
-
-
-def finetune(tmp_path, base, dataset, *args):
-    """Run main() in-process; returns the exit code."""
-    return run_finetune.main(['--dataset', str(dataset), '--base_model', str(base),
-                              '--checkpoint_dir', str(tmp_path), '--no-xla', *map(str, args)])
 
 
 def run_params(run_dir):
@@ -177,28 +166,6 @@ def test_usage_error_and_clean_stderr(tmp_path, tiny_model_dir, tiny_dataset):
     assert len(lines) == 3 and lines[2].startswith('Saving ')  # nothing from TensorFlow
 
 
-def start_run(tmp_path, base, dataset, *args, prelude=''):
-    code = prelude + 'import cli, run_finetune; cli.run_main(run_finetune.main)'
-    return subprocess.Popen(
-        [sys.executable, '-c', code, '--dataset', str(dataset), '--base_model', str(base),
-         '--checkpoint_dir', str(tmp_path), '--no-xla', *map(str, args)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED='1'))
-
-
-def wait_for_line(stream, fragment, timeout=60):
-    deadline, seen = time.time() + timeout, []
-    while time.time() < deadline:
-        line = stream.readline()
-        seen.append(line)
-        if fragment in line:
-            return line
-        if not line:
-            break
-    raise AssertionError(f'{fragment!r} not seen in {seen}')
-
-
-@pytest.mark.slow
 def test_sigterm_saves_once_and_exits_cleanly(tmp_path, tiny_model_dir, tiny_dataset):
     process = start_run(tmp_path, tiny_model_dir, tiny_dataset, '--max_steps', 100000, '--save_every', 0)
     wait_for_line(process.stderr, '[3 |')
