@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import cli
-import streams  # no TensorFlow: safe before prepare_tensorflow
+import files  # no TensorFlow: safe before prepare_tensorflow
 
 SEPARATOR = '========'
 DEFAULT_CONTEXT = '<|endoftext|>'
@@ -112,7 +112,7 @@ def main(argv=None):
     text = format_samples(samples, args.format, context=args.context)
     if args.output_file:
         try:
-            streams.write_text_atomic(args.output_file, text)
+            files.write_text_atomic(args.output_file, text)
         except OSError as exc:
             raise cli.UsageError(f'cannot write --output_file {args.output_file}: {exc}') from None
     else:

@@ -11,7 +11,9 @@ import contextlib
 import sys
 
 import cli
-import streams  # no TensorFlow: safe before prepare_tensorflow
+# Neither imports TensorFlow: safe before prepare_tensorflow.
+import files
+import streams
 
 
 def parse_args(argv=None):
@@ -81,7 +83,7 @@ def write_vectors(vectors, output):
     """Print each vector as a line, or save them all as one .npy matrix; returns how many."""
     import scoring
     if output is not None:
-        return streams.save_npy_rows(output, vectors)
+        return files.save_npy_rows(output, vectors)
     count = 0
     for vector in vectors:
         sys.stdout.write(scoring.format_vector(vector) + '\n')

@@ -23,7 +23,7 @@ import tensorflow as tf
 from cli import UsageError
 from encoder.vocab import EMOJI_FILE, VOCAB_FILE, find_vocab_dir, read_vocab
 from model import SCOPE, HParams, parameter_shapes
-from streams import write_text_atomic
+from files import write_text_atomic
 
 HPARAMS_FILE = 'hparams.json'
 CHECKPOINT_STATE_FILE = 'checkpoint'

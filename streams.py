@@ -1,27 +1,24 @@
-"""Streams for the batch scripts: text read one line at a time, lazily, from a file or stdin
-with line-numbered errors; progress on stderr; output files that appear complete or not at all
-(`atomic_output`), such as a matrix written row by row as `.npy`.
+"""The batch scripts' input and its flags: text read one line at a time, lazily, from a file
+or stdin with line-numbered errors; progress on stderr; --batch_size and --errors; checks of
+an --output path before any work starts. (Writing the output files: files.py.)
 
 Lines are split as Python's text mode splits them (\\n, \\r\\n or \\r), so scripts see the same
 lines as the original's `for line in open(file)`. Bytes that are not UTF-8 are a one-line
 UsageError naming the line (`errors='strict'`) or become U+FFFD (`errors='replace'`).
 """
 import contextlib
-import os
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
-
-import numpy as np
 
 from cli import UsageError
 
 STDIN = '-'
 ERROR_MODES = ('strict', 'replace')
 _LINE_BREAK = re.compile('\r\n|\r|\n')
-DEFAULT_BATCH_SIZE = 32  # scoring.DEFAULT_BATCH_SIZE; here so that flags need no TensorFlow
+# The default --batch_size, also scoring's default; defined here, not in scoring.py, so that
+# parsing the flags needs no TensorFlow.
+DEFAULT_BATCH_SIZE = 32
 # More lines than fit on a screen: only then is a progress bar worth showing.
 SCREENFUL = 50
 
@@ -121,62 +118,3 @@ def check_output_path(path, *, overwrite=False):
         raise UsageError(f'--output {path}: the directory {path.parent} does not exist')
     if path.exists() and not overwrite:
         raise UsageError(f'--output {path} exists; pass --overwrite to replace it')
-
-
-@contextlib.contextmanager
-def atomic_output(path, mode='wb', **open_kwargs):
-    """A file to write `path` through: a temporary beside it, renamed over `path` only when the
-    block completes, so readers (and a crash) see the old file or the whole new one, never
-    half. On an exception the temporary is removed and `path` is untouched. The file gets the
-    permissions a plain open() would have given it (mkstemp makes temporaries private)."""
-    path = Path(path)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f'.tmp-{path.name}-')
-    try:
-        with os.fdopen(fd, mode, **open_kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temp, 0o666 & ~current_umask())
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
-
-
-def write_text_atomic(path, text):
-    """Replace `path` with `text` (UTF-8) through `atomic_output`."""
-    with atomic_output(path, 'w', encoding='utf-8') as f:
-        f.write(text)
-
-
-def current_umask():
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def save_npy_rows(path, rows, *, dtype=np.float32):
-    """Write `rows` (equal-length vectors, an iterable consumed lazily) as an [n, width] `.npy`
-    matrix. Rows go to a scratch file first, since the header needs n; the matrix is then
-    written through `atomic_output`, so `path` is complete or untouched. Returns n (0 writes
-    nothing)."""
-    path = Path(path)
-    dtype = np.dtype(dtype).newbyteorder('<')
-    count, width = 0, None
-    with tempfile.TemporaryFile(dir=path.parent) as raw:
-        for row in rows:
-            row = np.asarray(row, dtype).ravel()
-            if width is not None and row.size != width:
-                raise ValueError(f'row {count} has {row.size} values, not {width}')
-            width = row.size
-            raw.write(row.tobytes())
-            count += 1
-        if count:
-            raw.seek(0)
-            with atomic_output(path) as out:
-                np.lib.format.write_array_header_1_0(out, {
-                    'descr': np.lib.format.dtype_to_descr(dtype), 'fortran_order': False,
-                    'shape': (count, width)})
-                shutil.copyfileobj(raw, out, 1 << 20)
-    return count

@@ -247,10 +247,6 @@ class Encoder:
     def __len__(self):
         return len(self.tokens)
 
-    def token_text(self, token_id):
-        """The vocabulary entry of `token_id`, as the original prints it."""
-        return self.tokens[token_id]
-
     def encode(self, text, clean=False):
         """The token ids of `text`; `clean` replaces URLs, dates, ... by tags first."""
         for old, new in WHITESPACE_REPLACEMENTS:

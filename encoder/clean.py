@@ -3,8 +3,8 @@ e-mail addresses, telephone numbers, dates and prices replaced by tags.
 
 The patterns reproduce those of the encoder the released models were trained with,
 quirks included (`2020年8月20日` becomes `<DATE>日`; ten bare digits are a `<TEL>`):
-`../shared/reference/encoder-cases.jsonl` pins them. Python's `\\d` is kept as it was
-(any Unicode digit), since that is what the original matched.
+`../shared/reference/encoder-cases.jsonl` pins them. `\\d` matches any Unicode digit, as
+it did in the original.
 """
 import functools
 import re

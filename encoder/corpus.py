@@ -25,12 +25,12 @@ from tqdm import tqdm
 
 from cli import UsageError
 from encoder.bpe import END_OF_TEXT, get_encoder
-from streams import atomic_output
+from files import atomic_output
 
 ID_DTYPE = np.uint16
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
-# Chunks a worker takes at a time: taking them one at a time, the workers waited on the
-# pool's hand-offs (98 M characters: 2 processes 1.55x one process; 4 at a time 1.71x).
+# Chunks a worker takes at a time: taking them one at a time, the workers wait on the pool's
+# hand-offs (figures: report/encoder.md).
 CHUNKS_PER_TASK = 4
 
 
@@ -38,8 +38,8 @@ CHUNKS_PER_TASK = 4
 class TextFile:
     """One file's UTF-8 bytes, checked to decode, and its length in characters.
 
-    The bytes, not the decoded text, travel to the worker processes: pickling a str
-    re-encodes it to UTF-8, which cost the parent as much as reading the corpus."""
+    The bytes, not the decoded text, travel to the worker processes: pickling a str would
+    re-encode it to UTF-8 in the parent, which already reads the corpus and writes the .npz."""
     data: bytes
     characters: int
 

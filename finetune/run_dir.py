@@ -15,7 +15,7 @@ import numpy as np
 import model
 from cli import UsageError
 from model_dir import (ModelDirError, copy_vocab, load_model_dir, save_checkpoint, write_checkpoint_state, write_hparams)
-from streams import write_text_atomic
+from files import write_text_atomic
 from finetune.trainer import STEP_VARIABLE
 
 RUN_FILE = 'finetune.json'

@@ -1,12 +1,15 @@
 """Running the project's scripts from tests: in a child process as a user would, or their
-main() in-process (faster: no TensorFlow start-up per call)."""
+main() in this process (faster: no TensorFlow start-up per call); fine-tuning runs either way."""
 import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
+import time
 
-REPO = Path(__file__).resolve().parents[1]
+import pytest
+
+import cli
+from conftest import REPO
 
 
 def load_script(file_name):
@@ -15,6 +18,24 @@ def load_script(file_name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_main(script, capsys, *args):
+    """Call `script.main(args)` in-process, expecting exit code 0; returns what it printed
+    (`.out`, `.err`)."""
+    assert script.main([str(a) for a in args]) == 0
+    return capsys.readouterr()
+
+
+def run_as_script(main, args, capfd, *, prog='script'):
+    """Call `main(args)` under cli.run_main, as a script's entry point does, but in this
+    process; returns a CompletedProcess: the exit code, and what reached file descriptors 1
+    and 2 (TensorFlow's own log lines included), as run_script would."""
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as end:
+        cli.run_main(main, [str(a) for a in args], prog=prog)
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(args, end.value.code, out, err)
 
 
 def run_script(script, *args, stdin=None, env=None, timeout=300):
@@ -34,3 +55,34 @@ def assert_usage_error(result, *fragments):
     assert 'Traceback' not in result.stderr
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+def finetune(checkpoint_dir, base, dataset, *args):
+    """run_finetune.main() in this process, without XLA; returns the exit code."""
+    import run_finetune
+    return run_finetune.main(['--dataset', str(dataset), '--base_model', str(base),
+                              '--checkpoint_dir', str(checkpoint_dir), '--no-xla', *map(str, args)])
+
+
+def start_run(checkpoint_dir, base, dataset, *args, prelude=''):
+    """run_finetune.py in a child process (Popen, text pipes), as a user starts it; `prelude`
+    is Python run first, to patch the process."""
+    code = prelude + 'import cli, run_finetune; cli.run_main(run_finetune.main)'
+    return subprocess.Popen(
+        [sys.executable, '-c', code, '--dataset', str(dataset), '--base_model', str(base),
+         '--checkpoint_dir', str(checkpoint_dir), '--no-xla', *map(str, args)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED='1'))
+
+
+def wait_for_line(stream, fragment, timeout=120):
+    """Read `stream` until a line holds `fragment`; returns that line."""
+    deadline, seen = time.time() + timeout, []
+    while time.time() < deadline:
+        line = stream.readline()
+        seen.append(line)
+        if fragment in line:
+            return line
+        if not line:
+            break
+    raise AssertionError(f'{fragment!r} not seen in {seen}')

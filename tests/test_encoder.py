@@ -41,6 +41,11 @@ def plain(vocab_dir):
     return PlainEncoder(vocab_dir)
 
 
+@pytest.fixture(scope='module')
+def synthetic_plain(synthetic_vocab_dir):
+    return PlainEncoder(synthetic_vocab_dir)
+
+
 def reference_cases(shared_dir):
     with open(shared_dir / 'reference' / 'encoder-cases.jsonl', encoding='utf-8') as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -64,10 +69,10 @@ def test_plain_encoder_matches_reference_cases(plain, shared_dir):
 def test_vocabulary_attributes(encoder):
     assert len(encoder) == 20573 == len(encoder.tokens)
     assert encoder.eot_id == 20572
-    assert encoder.token_text(encoder.eot_id) == '<|endoftext|>'
+    assert encoder.tokens[encoder.eot_id] == '<|endoftext|>'
     assert encoder.encode('<|endoftext|>') == [encoder.eot_id]
     ids = encoder.encode('猫 😀')
-    assert [encoder.token_text(i) for i in ids] == ['猫', '<SP>', '<|emoji1|>']
+    assert [encoder.tokens[i] for i in ids] == ['猫', '<SP>', '<|emoji1|>']
 
 
 def fragments(emoji_keys, clean):
@@ -94,6 +99,7 @@ def texts(emoji_keys, clean):
     return st.lists(fragments(emoji_keys, clean), max_size=40).map(''.join)
 
 
+@pytest.mark.slow
 @GENERATED
 @given(data=st.data())
 def test_generated_texts_match_plain_encoder(encoder, plain, data):
@@ -103,6 +109,7 @@ def test_generated_texts_match_plain_encoder(encoder, plain, data):
     assert encoder.decode(ids) == plain.decode(ids)
 
 
+@pytest.mark.slow
 @GENERATED
 @given(data=st.data())
 def test_generated_texts_with_clean_match_plain_encoder(encoder, plain, data):
@@ -110,6 +117,18 @@ def test_generated_texts_with_clean_match_plain_encoder(encoder, plain, data):
     ids = encoder.encode(text, clean=True)
     assert ids == plain.encode(text, clean=True)
     assert encoder.decode(ids) == plain.decode(ids)
+
+
+@pytest.mark.slow
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(data=st.data(), clean=st.booleans())
+def test_generated_texts_match_plain_encoder_on_the_synthetic_vocabulary(synthetic_encoder,
+                                                                        synthetic_plain, data, clean):
+    # Runs without ../shared; the released vocabulary's larger emoji table is the case above.
+    text = data.draw(texts(list(synthetic_plain.emoji), clean=clean))
+    ids = synthetic_encoder.encode(text, clean=clean)
+    assert ids == synthetic_plain.encode(text, clean=clean)
+    assert synthetic_encoder.decode(ids) == synthetic_plain.decode(ids)
 
 
 @settings(max_examples=300, derandomize=True, deadline=None)
@@ -148,7 +167,7 @@ def test_unexpected_vocabulary_shape_is_refused():
         Encoder(tokens, {}, {})
 
 
-def test_lone_surrogate_is_refused_like_the_original(encoder, plain):
-    for enc in (encoder, plain):
+def test_lone_surrogate_is_refused_like_the_original(synthetic_encoder, synthetic_plain):
+    for enc in (synthetic_encoder, synthetic_plain):
         with pytest.raises(UnicodeEncodeError):
             enc.encode('猫\ud800')

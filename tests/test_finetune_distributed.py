@@ -9,20 +9,16 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import REPO
+from conftest import REPO
 from model_dir import load_model_dir, read_tensors
 
-
-@pytest.fixture(scope='module')
-def dataset(tmp_path_factory):
-    path = tmp_path_factory.mktemp('data') / 'train.npz'
-    np.savez(path, np.random.default_rng(1).integers(0, 20000, 1000).astype(np.uint16))
-    return path
+# Each test starts TensorFlow in two child processes.
+pytestmark = pytest.mark.slow
 
 
-def test_mirrored_on_two_devices_equals_one_device(tiny_model_dir, dataset):
+def test_mirrored_on_two_devices_equals_one_device(tiny_model_dir, tiny_dataset):
     result = subprocess.run([sys.executable, 'tests/distributed_run.py', str(tiny_model_dir),
-                             str(dataset), '3'], cwd=REPO, capture_output=True, text=True, timeout=120)
+                             str(tiny_dataset), '3'], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report['replicas'] == 2
@@ -43,13 +39,13 @@ def free_ports(count):
     return ports
 
 
-def test_two_workers_on_loopback_finish_with_one_chief_checkpoint(tmp_path, tiny_model_dir, dataset):
+def test_two_workers_on_loopback_finish_with_one_chief_checkpoint(tmp_path, tiny_model_dir, tiny_dataset):
     workers = [f'127.0.0.1:{port}' for port in free_ports(2)]
     processes = []
     for index in range(2):
         tf_config = {'cluster': {'worker': workers}, 'task': {'type': 'worker', 'index': index}}
         processes.append(subprocess.Popen(
-            [sys.executable, 'run_finetune.py', '--strategy', 'multiworker', '--dataset', str(dataset),
+            [sys.executable, 'run_finetune.py', '--strategy', 'multiworker', '--dataset', str(tiny_dataset),
              '--base_model', str(tiny_model_dir), '--checkpoint_dir', str(tmp_path),
              '--batch_size', '2', '--max_steps', '3', '--save_every', '0', '--no-xla',
              '--learning_rate', '1e-3'],

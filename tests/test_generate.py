@@ -6,22 +6,17 @@ import pytest
 import tensorflow as tf
 
 import sample
-from conftest import TINY
-from helpers import assert_usage_error, load_script, run_script
-from model import CompiledBlocks, HParams, KVCache, decoding_parameters, forward, forward_cached, init_parameters
+from conftest import SMALL_VOCAB, TINY
+from helpers import assert_usage_error, load_script, run_as_script, run_main, run_script
+from model import CompiledBlocks, KVCache, decoding_parameters, forward, forward_cached, init_parameters
+from model_dir import save_model_dir
 
-SMALL_VOCAB = HParams(n_vocab=97, n_ctx=32, n_embd=32, n_head=4, n_layer=3)
-EOT = SMALL_VOCAB.n_vocab - 1
+EOT = SMALL_VOCAB.n_vocab - 1  # of the SMALL_VOCAB models here; TINY's is TINY.n_vocab - 1
 
 
 @pytest.fixture(scope='module')
 def generate_script():
     return load_script('gpt2-generate.py')
-
-
-def run_main(script, capsys, *args):
-    assert script.main([str(a) for a in args]) == 0
-    return capsys.readouterr()
 
 
 # --- the cached step -------------------------------------------------------------------
@@ -93,7 +88,9 @@ def truncated_softmax(logits, *, top_k, top_p, temperature):
 
 
 @pytest.mark.parametrize('top_k, top_p, temperature', [
-    (0, 0.0, 1.0), (5, 0.0, 1.0), (10, 0.0, 0.7), (40, 0.6, 1.0), (3, 0.9, 1.5)])
+    (3, 0.9, 1.5),  # top_p, top_k and temperature together; the other cases are slow
+    *(pytest.param(*case, marks=pytest.mark.slow)
+      for case in [(0, 0.0, 1.0), (5, 0.0, 1.0), (10, 0.0, 0.7), (40, 0.6, 1.0)])])
 def test_first_tokens_follow_the_truncated_renormalised_softmax(top_k, top_p, temperature):
     params = init_parameters(SMALL_VOCAB, seed=6)
     # Sharpen the output so that truncation matters (random init is nearly uniform).
@@ -132,6 +129,7 @@ def eot_loving_parameters():
     return params
 
 
+@pytest.mark.slow
 def test_min_length_forbids_end_of_text_in_the_first_tokens():
     params = eot_loving_parameters()
     assert sample.generate(params, SMALL_VOCAB, [1, 2], max_tokens=20, eot_id=EOT, top_k=1) == [[]]
@@ -141,6 +139,7 @@ def test_min_length_forbids_end_of_text_in_the_first_tokens():
     assert all(EOT not in tokens for tokens in out)
 
 
+@pytest.mark.slow
 def test_generation_stops_at_max_tokens_and_is_reproducible_with_a_seed():
     params = init_parameters(SMALL_VOCAB, seed=8)
     kwargs = dict(max_tokens=7, eot_id=EOT, batch_size=3, top_k=0, min_length=7)
@@ -161,6 +160,7 @@ def test_settings_outside_their_ranges_are_rejected():
 
 # --- gpt2-generate.py ------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize('xla', ['--no-xla', '--xla'])
 def test_greedy_generation_of_tiny_a_reproduces_the_reference(generate_script, capsys,
                                                               reference_dir, vocab_dir, xla):
@@ -174,6 +174,7 @@ def test_greedy_generation_of_tiny_a_reproduces_the_reference(generate_script, c
         assert record['context'] == case['context']
 
 
+@pytest.mark.slow
 def test_text_output_is_samples_separated_by_lines_of_equals(generate_script, capsys, tiny_model_dir):
     out = run_main(generate_script, capsys, '--model', tiny_model_dir, '--num_generate', 3,
                    '--max_length', 12, '--seed', 1, '--context', '吾輩は猫である。')
@@ -186,9 +187,8 @@ def test_text_output_is_samples_separated_by_lines_of_equals(generate_script, ca
 
 
 def test_samples_stop_at_max_length_with_at_most_one_token_to_spare(generate_script, capsys,
-                                                                    tiny_model_dir, vocab_dir):
-    from encoder import get_encoder
-    encoder = get_encoder(vocab_dir)
+                                                                    tiny_model_dir, synthetic_encoder):
+    encoder = synthetic_encoder
     out = run_main(generate_script, capsys, '--model', tiny_model_dir, '--num_generate', 4,
                    '--max_length', 15, '--seed', 2, '--format', 'jsonl')
     for record in map(json.loads, out.out.splitlines()):
@@ -199,14 +199,23 @@ def test_samples_stop_at_max_length_with_at_most_one_token_to_spare(generate_scr
         assert record['text'] == encoder.decode(record['tokens'])[:15]
 
 
-def test_text_longer_than_the_window_goes_on_from_the_recent_text(generate_script, capsys, tiny_model_dir):
-    out = run_main(generate_script, capsys, '--model', tiny_model_dir, '--num_generate', 1,
+@pytest.mark.slow
+def test_text_longer_than_the_window_goes_on_from_the_recent_text(generate_script, capsys, tmp_path,
+                                                                  synthetic_vocab_dir):
+    # A tiny model that never predicts end-of-text, so that only --max_length ends the sample.
+    params = init_parameters(TINY, seed=1)
+    direction = np.random.default_rng(0).normal(size=TINY.n_embd).astype(np.float32)
+    params['model/ln_f/b'] = direction
+    params['model/wte'][TINY.n_vocab - 1] = -10 * direction  # <|endoftext|>
+    save_model_dir(tmp_path, params, TINY, vocab_dir=synthetic_vocab_dir)
+    out = run_main(generate_script, capsys, '--model', tmp_path, '--num_generate', 1,
                    '--max_length', 1000, '--min_length', TINY.n_ctx, '--seed', 3, '--format', 'jsonl')
     record = json.loads(out.out)
     assert len(record['tokens']) > TINY.n_ctx
     assert len(record['text']) == 1000 and record['stop_reason'] == 'max_length'
 
 
+@pytest.mark.slow
 def test_output_file_has_the_stdout_format_and_replaces_the_file_whole(generate_script, capsys,
                                                                         tiny_model_dir, tmp_path):
     target = tmp_path / 'out.txt'
@@ -218,6 +227,7 @@ def test_output_file_has_the_stdout_format_and_replaces_the_file_whole(generate_
     assert [p.name for p in tmp_path.iterdir()] == ['out.txt']
 
 
+@pytest.mark.slow
 def test_one_sample_streams_to_a_terminal(generate_script, capsys, tiny_model_dir, monkeypatch):
     import sys
     pieces = []
@@ -237,20 +247,25 @@ def test_bad_sampling_flags_are_one_line_errors(args, fragment):
     assert_usage_error(run_script('gpt2-generate.py', '--model', 'nowhere', *args), fragment)
 
 
-def test_min_length_beyond_the_window_is_a_one_line_error(tiny_model_dir):
-    result = run_script('gpt2-generate.py', '--model', tiny_model_dir, '--min_length', TINY.n_ctx + 1)
+def test_min_length_beyond_the_window_is_a_one_line_error(generate_script, tiny_model_dir, capfd):
+    result = run_as_script(generate_script.main, ['--model', tiny_model_dir, '--min_length', TINY.n_ctx + 1],
+                           capfd)
     assert_usage_error(result, 'min_length', str(TINY.n_ctx))
 
 
-def test_an_over_long_context_keeps_its_end_says_so_and_stderr_is_otherwise_clean(tiny_model_dir):
-    result = run_script('gpt2-generate.py', '--model', tiny_model_dir, '--num_generate', 1,
-                        '--max_length', 5, '--seed', 1, '--context', '吾輩は猫である。' * 20)
+@pytest.mark.slow
+def test_an_over_long_context_keeps_its_end_says_so_and_stderr_is_otherwise_clean(generate_script,
+                                                                                  tiny_model_dir, capfd):
+    result = run_as_script(generate_script.main, ['--model', tiny_model_dir, '--num_generate', 1,
+                                                  '--max_length', 5, '--seed', 1,
+                                                  '--context', '吾輩は猫である。' * 20], capfd)
     assert result.returncode == 0, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and 'keeping its last 32' in lines[0], result.stderr
     assert 0 < len(result.stdout.strip()) <= 5
 
 
+@pytest.mark.slow
 def test_the_xla_step_samples_what_the_plain_step_does():
     params = init_parameters(SMALL_VOCAB, seed=9)
     kwargs = dict(max_tokens=SMALL_VOCAB.n_ctx, eot_id=EOT, batch_size=2, top_k=1, min_length=30)

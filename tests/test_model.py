@@ -4,11 +4,9 @@ import pytest
 import tensorflow as tf
 
 import model
-from conftest import TINY
+from conftest import SMALL_VOCAB, TINY
 from model import HParams, forward, init_parameters, parameter_shapes
 from model_dir import load_model_dir, save_model_dir
-
-SMALL_VOCAB = HParams(n_vocab=97, n_ctx=32, n_embd=32, n_head=4, n_layer=3)
 
 
 def test_released_sizes_have_the_published_parameter_counts():
@@ -46,6 +44,7 @@ def test_a_token_never_sees_later_tokens():
     assert not np.allclose(a[:, 2:], b[:, 2:])
 
 
+@pytest.mark.slow
 def test_forward_runs_inside_tf_function_with_unknown_lengths():
     params = {k: tf.constant(v) for k, v in init_parameters(SMALL_VOCAB, seed=5).items()}
     traced = tf.function(lambda t: forward(params, t, hparams=SMALL_VOCAB)['logits'],
@@ -95,6 +94,7 @@ def test_inconsistent_hparams_are_refused(bad):
         HParams(**values)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('recompute', [False, True])
 def test_training_path_has_the_plain_networks_loss_and_gradients(recompute):
     # training_hidden recomputes attention probabilities (and with `recompute` whole blocks)

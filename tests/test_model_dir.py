@@ -2,35 +2,22 @@
 one-line errors for every way a directory can be wrong."""
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY
-from helpers import assert_usage_error
+from conftest import TINY
+from encoder.vocab import VocabularyError
+from helpers import assert_usage_error, run_as_script
 from model import HParams, init_parameters
 from model_dir import ModelDirError, load_model_dir, save_checkpoint, save_model_dir
-from encoder.vocab import VocabularyError
-
-
-def write_synthetic_vocab(directory, size):
-    """A stand-in vocabulary of the right size: loading checks sizes, not the tokens, so
-    these tests run without ../shared."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / 'ja-bpe.txt').write_text('\n'.join(f'tok{i}' for i in range(size)), encoding='utf-8')
-    (directory / 'emoji.json').write_text(json.dumps({'emoji': {}, 'emoji_inv': {}}), encoding='utf-8')
-    return directory
+from synthetic_vocab import write_synthetic_vocab
 
 
 @pytest.fixture
-def model_copy(tmp_path):
-    """A tiny model directory with its vocabulary, for tests that load or damage it."""
-    target = tmp_path / 'model'
-    vocab = write_synthetic_vocab(tmp_path / 'vocab', TINY.n_vocab)
-    save_model_dir(target, init_parameters(TINY, seed=1), TINY, step=0, vocab_dir=vocab)
-    return target
+def model_copy(tmp_path, tiny_model_dir):
+    """A copy of the tiny model directory, for tests that change or damage it."""
+    return shutil.copytree(tiny_model_dir, tmp_path / 'model')
 
 
 def test_loads_a_saved_model_dir(model_copy, no_vocab_env):
@@ -76,7 +63,7 @@ def test_reference_checkpoint_with_optimizer_slots_loads(reference_dir, vocab_di
 def test_vocabulary_search_order(model_copy, tmp_path, monkeypatch):
     for name in ('ja-bpe.txt', 'emoji.json'):
         (model_copy / name).unlink()
-    vocab_dir = tmp_path / 'vocab'
+    vocab_dir = write_synthetic_vocab(tmp_path / 'vocab')
     monkeypatch.setenv('GPT2JA_VOCAB_DIR', str(vocab_dir))
     assert load_model_dir(model_copy).vocab_dir == vocab_dir
     with pytest.raises(VocabularyError, match='--vocab'):
@@ -121,13 +108,10 @@ DAMAGE = [
 
 
 @pytest.mark.parametrize('how, words', DAMAGE)
-def test_each_bad_directory_is_one_line_and_exit_code_2(model_copy, how, words):
+def test_each_bad_directory_is_one_line_and_exit_code_2(model_copy, capfd, how, words):
     _damage(model_copy, how)
     # The way every script loads: load_model_dir (parameters too) under cli.run_main.
-    driver = ('import sys, cli; cli.prepare_tensorflow(); import model_dir; '
-              'cli.run_main(lambda argv: model_dir.load_model_dir(sys.argv[1]).load_parameters() and 0)')
-    result = subprocess.run([sys.executable, '-c', driver, str(model_copy)], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = run_as_script(lambda argv: load_model_dir(model_copy).load_parameters() and 0, [], capfd)
     assert_usage_error(result, words)
 
 

@@ -1,6 +1,4 @@
 """The tiny-a reference checkpoint reproduces the original code's scores, vectors and greedy text."""
-import json
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -15,15 +13,10 @@ def tiny_a(reference_dir, vocab_dir):
     return loaded, loaded.load_parameters()
 
 
-@pytest.fixture(scope='module')
-def expected(reference_dir):
-    return json.loads((reference_dir / 'tiny-a-expected.json').read_text(encoding='utf-8'))
-
-
-def test_scores_match_the_reference(tiny_a, expected):
+def test_scores_match_the_reference(tiny_a, reference_expected):
     loaded, params = tiny_a
     eot = loaded.hparams.n_vocab - 1
-    for case in expected['score']:
+    for case in reference_expected['score']:
         inputs = [eot] + case['tokens'][:-1]
         log_probs = tf.nn.log_softmax(forward(params, [inputs], hparams=loaded.hparams)['logits'])[0]
         got = [float(log_probs[i, token]) for i, token in enumerate(case['tokens'])]
@@ -31,16 +24,17 @@ def test_scores_match_the_reference(tiny_a, expected):
         assert sum(got) == pytest.approx(case['total'], rel=1e-4)
 
 
-def test_vectors_match_the_reference(tiny_a, expected):
+def test_vectors_match_the_reference(tiny_a, reference_expected):
     loaded, params = tiny_a
-    for case in expected['transform']:
+    for case in reference_expected['transform']:
         hidden = forward(params, [case['tokens']], hparams=loaded.hparams)['hidden'][0, -1]
         np.testing.assert_allclose(hidden.numpy(), case['vector'], rtol=1e-4, atol=1e-4)
 
 
-def test_greedy_continuations_match_the_reference(tiny_a, expected):
+@pytest.mark.slow
+def test_greedy_continuations_match_the_reference(tiny_a, reference_expected):
     loaded, params = tiny_a
-    for case in expected['greedy']:
+    for case in reference_expected['greedy']:
         tokens = list(case['context_tokens'])
         for _ in range(len(case['continuation'])):
             logits = forward(params, [tokens], hparams=loaded.hparams)['logits'][0, -1]

@@ -5,10 +5,8 @@ import numpy as np
 import pytest
 
 import scoring
-from conftest import TINY
+from conftest import EOT, TINY
 from model import forward, init_parameters
-
-EOT = TINY.n_vocab - 1
 
 
 class FakeEncoder:

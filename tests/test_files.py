@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from streams import atomic_output, write_text_atomic
+from files import atomic_output, write_text_atomic
 
 
 def test_a_written_file_has_ordinary_permissions(tmp_path):
