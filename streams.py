@@ -7,6 +7,7 @@ lines as the original's `for line in open(file)`. Bytes that are not UTF-8 are a
 UsageError naming the line (`errors='strict'`) or become U+FFFD (`errors='replace'`).
 """
 import contextlib
+import glob
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ from cli import UsageError
 STDIN = '-'
 ERROR_MODES = ('strict', 'replace')
 _LINE_BREAK = re.compile('\r\n|\r|\n')
+UTF8_BOM = b'\xef\xbb\xbf'
 DEFAULT_BATCH_SIZE = 32  # scoring.DEFAULT_BATCH_SIZE; here so that flags need no TensorFlow
 # More lines than fit on a screen: only then is a progress bar worth showing.
 SCREENFUL = 50
@@ -75,11 +77,14 @@ def decode_line(data, line_number, *, name, errors='strict'):
 
 
 def read_lines(stream, *, name, errors='strict'):
-    """Yield the lines of a byte stream as str, without their line breaks, as they arrive."""
+    """Yield the lines of a byte stream as str, without their line breaks, as they arrive.
+    A UTF-8 byte-order mark at the very start is not text and is dropped."""
     number = 0
     try:
         for data in stream:
             number += 1
+            if number == 1:
+                data = data.removeprefix(UTF8_BOM)
             text = decode_line(data, number, name=name, errors=errors)
             text = text[:-2] if text.endswith('\r\n') else text[:-1] if text[-1:] in '\r\n' else text
             # A lone '\r' inside is a line break too (text mode's universal newlines).
@@ -130,7 +135,8 @@ def atomic_output(path, mode='wb', **open_kwargs):
     half. On an exception the temporary is removed and `path` is untouched. The file gets the
     permissions a plain open() would have given it (mkstemp makes temporaries private)."""
     path = Path(path)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f'.tmp-{path.name}-')
+    remove_stale_temporaries(path)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f'.tmp-{path.name}-{os.getpid()}-')
     try:
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
@@ -142,6 +148,24 @@ def atomic_output(path, mode='wb', **open_kwargs):
         if os.path.exists(temp):
             os.unlink(temp)
         raise
+
+
+def remove_stale_temporaries(path):
+    """Remove the temporaries of `path` that killed writers left (their process is gone)."""
+    for temp in Path(path).parent.glob(f'.tmp-{glob.escape(Path(path).name)}-*-*'):
+        pid = temp.name[len(f'.tmp-{Path(path).name}-'):].split('-', 1)[0]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            temp.unlink(missing_ok=True)
+
+
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # alive, another user's
+    return True
 
 
 def write_text_atomic(path, text):

@@ -60,9 +60,9 @@ def arrays_of(npz_file):
 def test_chunks_close_once_they_reach_combine_characters():
     texts = ['a' * 10, 'b' * 5, 'c' * 100, 'd']
     chunks = list(gather_chunks([TextFile.of(text) for text in texts], combine=30))
-    assert [c.text for c in chunks] == ['a' * 10 + EOT + 'b' * 5 + EOT, 'c' * 100 + EOT, 'd' + EOT]
+    assert [c.data.decode() for c in chunks] == ['a' * 10 + EOT + 'b' * 5 + EOT, 'c' * 100 + EOT, 'd' + EOT]
     assert [c.files for c in chunks] == [2, 1, 1]
-    assert [c.characters for c in chunks] == [len(c.text) for c in chunks]
+    assert [c.characters for c in chunks] == [len(c.data.decode()) for c in chunks]
 
 
 def test_folder_is_encoded_in_path_order_with_end_of_text_after_each_file(
