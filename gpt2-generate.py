@@ -8,7 +8,6 @@ The sampling itself lives in sample.py.
 """
 import json
 import sys
-from pathlib import Path
 
 import cli
 import streams  # no TensorFlow: safe before prepare_tensorflow
@@ -71,10 +70,9 @@ def check_args(args):
         raise cli.UsageError(f'--top_p must be between 0 (off) and 1, not {args.top_p}')
     if not args.temperature > 0:
         raise cli.UsageError(f'--temperature must be greater than 0, not {args.temperature}')
+    cli.check_text_argument('--context', args.context)
     if args.output_file:
-        target = Path(args.output_file)
-        if target.is_dir() or not target.parent.is_dir():
-            raise cli.UsageError(f'--output_file {target}: not a file in an existing directory')
+        cli.check_output_file('--output_file', args.output_file)
 
 
 def main(argv=None):
