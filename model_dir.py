@@ -23,7 +23,7 @@ import tensorflow as tf
 from cli import UsageError
 from encoder.vocab import EMOJI_FILE, VOCAB_FILE, find_vocab_dir, read_vocab
 from model import SCOPE, HParams, parameter_shapes
-from streams import write_text_atomic
+from streams import atomic_output, write_text_atomic
 
 HPARAMS_FILE = 'hparams.json'
 CHECKPOINT_STATE_FILE = 'checkpoint'
@@ -299,7 +299,9 @@ def copy_vocab(vocab_dir, directory):
     for file_name in (VOCAB_FILE, EMOJI_FILE):
         target = Path(directory) / file_name
         if not target.exists():
-            shutil.copyfile(Path(vocab_dir) / file_name, target)
+            # Through a temporary: a copy cut short (full disk) must not pass for the vocabulary.
+            with open(Path(vocab_dir) / file_name, 'rb') as source, atomic_output(target) as copy:
+                shutil.copyfileobj(source, copy)
 
 
 def save_model_dir(directory, params, hparams, *, step=0, vocab_dir=None, extra_tensors=None):

@@ -23,7 +23,7 @@ import numpy as np
 
 import model
 from cli import UsageError
-from model_dir import (TEMP_PREFIX, ModelDirError, checkpoint_shapes, copy_vocab, resolve_hparams,
+from model_dir import (TEMP_PREFIX, CheckpointWriteError, ModelDirError, checkpoint_shapes, copy_vocab, resolve_hparams,
                        save_checkpoint, write_checkpoint_state, write_hparams)
 from streams import write_text_atomic
 
@@ -144,13 +144,17 @@ def start_run_dir(run_dir, base, optimizer_name):
                              f'{hparams.to_dict()}, not the base model\'s '
                              f'{base.hparams.to_dict()}; pick another --run_name')
     remove_unfinished_saves(run_dir)
-    if record is None:
-        write_text_atomic(run_dir / RUN_FILE, json.dumps({
-            'base_model': str(base.path), 'base_fingerprint': checkpoint_fingerprint(base.checkpoint),
-            'optim': optimizer_name}, indent=2) + '\n')
-    write_hparams(run_dir, base.hparams)
-    if base.vocab_dir is not None:
-        copy_vocab(base.vocab_dir, run_dir)
+    try:
+        if record is None:
+            write_text_atomic(run_dir / RUN_FILE, json.dumps({
+                'base_model': str(base.path), 'base_fingerprint': checkpoint_fingerprint(base.checkpoint),
+                'optim': optimizer_name}, indent=2) + '\n')
+        write_hparams(run_dir, base.hparams)
+        if base.vocab_dir is not None:
+            copy_vocab(base.vocab_dir, run_dir)
+    except OSError as exc:
+        raise UsageError(f'cannot write to the run directory {run_dir}: {exc.strerror or exc}; '
+                         f'pass a --checkpoint_dir with room to write') from None
     return resume
 
 
@@ -191,11 +195,16 @@ def save_run_checkpoint(run_dir, tensors, *, step, keep):
     newest `keep` checkpoints: the new one is complete and named in `checkpoint` before any
     old one goes. Returns the new prefix."""
     prefix = save_checkpoint(run_dir, tensors, step=step, name=CHECKPOINT_NAME)
-    write_text_atomic(Path(run_dir) / COUNTER_FILE, f'{step}\n')
     steps = saved_steps(run_dir)
     kept = steps[-keep:] if keep > 0 else steps
-    write_checkpoint_state(run_dir, f'{CHECKPOINT_NAME}-{step}',
-                           all_names=[f'{CHECKPOINT_NAME}-{s}' for s in kept])
+    try:
+        write_text_atomic(Path(run_dir) / COUNTER_FILE, f'{step}\n')
+        write_checkpoint_state(run_dir, f'{CHECKPOINT_NAME}-{step}',
+                               all_names=[f'{CHECKPOINT_NAME}-{s}' for s in kept])
+    except OSError as exc:
+        # Nothing old has been deleted yet.
+        raise CheckpointWriteError(f'checkpoint {prefix} was saved but the run directory could '
+                                   f'not be updated: {exc.strerror or exc}') from None
     for old in steps:
         if old not in kept:
             for path in Path(run_dir).glob(f'{CHECKPOINT_NAME}-{old}.*'):

@@ -257,19 +257,26 @@ def test_a_failed_save_leaves_the_previous_checkpoints_and_no_temporary(tmp_path
 
 
 @pytest.fixture
-def tiny_filesystem(tmp_path):
-    """A 5 MiB tmpfs: room for the vocabulary and one small checkpoint, not two."""
-    mount = tmp_path / 'small-disk'
-    mount.mkdir()
-    if shutil.which('mount') is None or subprocess.run(
-            ['mount', '-t', 'tmpfs', '-o', 'size=5m', 'tmpfs', str(mount)],
-            capture_output=True).returncode != 0:
-        pytest.skip('cannot mount a small tmpfs here (needs root)')
+def small_disk(tmp_path):
+    """mount(size) -> a tmpfs of that size; skips where mounting is not allowed."""
+    mounted = []
+
+    def mount(size):
+        point = tmp_path / f'disk{len(mounted)}'
+        point.mkdir()
+        if shutil.which('mount') is None or subprocess.run(
+                ['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(point)],
+                capture_output=True).returncode != 0:
+            pytest.skip('cannot mount a small tmpfs here (needs root)')
+        mounted.append(point)
+        return point
     yield mount
-    subprocess.run(['umount', str(mount)], check=False)
+    for point in mounted:
+        subprocess.run(['umount', str(point)], check=False)
 
 
-def test_a_full_disk_during_a_save_is_one_line(tmp_path, tiny_model_dir, dataset, tiny_filesystem):
+def test_a_full_disk_during_a_save_is_one_line(tmp_path, tiny_model_dir, dataset, small_disk):
+    tiny_filesystem = small_disk('5m')  # room for the vocabulary and one small checkpoint
     # With Adam, three copies of the weights: ~8 MiB a checkpoint for TINY, ~2 MiB for this.
     small = model.HParams(n_vocab=TINY.n_vocab, n_ctx=64, n_embd=8, n_head=2, n_layer=1)
     base = tmp_path / 'small-base'
@@ -287,6 +294,15 @@ def test_a_full_disk_during_a_save_is_one_line(tmp_path, tiny_model_dir, dataset
     assert steps, 'the disk was too small for even one checkpoint'
     assert not list(run_dir.glob('.tmp-*'))
     assert step_of(load_model_dir(run_dir).checkpoint) == steps[-1]
+
+
+def test_a_disk_too_full_for_the_vocabulary_leaves_no_partial_copy(tiny_model_dir, dataset, small_disk):
+    disk = small_disk('64k')
+    result = run_script('run_finetune.py', '--dataset', dataset, '--base_model', tiny_model_dir,
+                        '--checkpoint_dir', disk, '--max_steps', 1)
+    assert_usage_error(result, 'cannot write to the run directory', 'No space left on device')
+    assert not (disk / 'gpt2ja_finetune' / 'ja-bpe.txt').exists()
+    assert not list((disk / 'gpt2ja_finetune').glob('.tmp-*'))
 
 
 def test_resuming_a_finished_run_says_there_is_nothing_to_do(tmp_path, tiny_model_dir, dataset, capsys):
