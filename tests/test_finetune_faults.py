@@ -258,14 +258,15 @@ def test_a_failed_save_leaves_the_previous_checkpoints_and_no_temporary(tmp_path
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """mount(size) -> a tmpfs of that size; skips where mounting is not allowed."""
+    """mount(options) -> a tmpfs mounted with them ('size=64k,ro'); skips where mounting is
+    not allowed."""
     mounted = []
 
-    def mount(size):
+    def mount(options):
         point = tmp_path / f'disk{len(mounted)}'
         point.mkdir()
         if shutil.which('mount') is None or subprocess.run(
-                ['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(point)],
+                ['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(point)],
                 capture_output=True).returncode != 0:
             pytest.skip('cannot mount a small tmpfs here (needs root)')
         mounted.append(point)
@@ -276,7 +277,7 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_during_a_save_is_one_line(tmp_path, tiny_model_dir, dataset, small_disk):
-    tiny_filesystem = small_disk('5m')  # room for the vocabulary and one small checkpoint
+    tiny_filesystem = small_disk('size=5m')  # room for the vocabulary and one small checkpoint
     # With Adam, three copies of the weights: ~8 MiB a checkpoint for TINY, ~2 MiB for this.
     small = model.HParams(n_vocab=TINY.n_vocab, n_ctx=64, n_embd=8, n_head=2, n_layer=1)
     base = tmp_path / 'small-base'
@@ -297,7 +298,7 @@ def test_a_full_disk_during_a_save_is_one_line(tmp_path, tiny_model_dir, dataset
 
 
 def test_a_disk_too_full_for_the_vocabulary_leaves_no_partial_copy(tiny_model_dir, dataset, small_disk):
-    disk = small_disk('64k')
+    disk = small_disk('size=64k')
     result = run_script('run_finetune.py', '--dataset', dataset, '--base_model', tiny_model_dir,
                         '--checkpoint_dir', disk, '--max_steps', 1)
     assert_usage_error(result, 'cannot write to the run directory', 'No space left on device')
@@ -329,6 +330,13 @@ def test_a_read_only_checkpoint_dir_is_one_line(tmp_path, tiny_model_dir, datase
     monkeypatch.setattr('pathlib.Path.mkdir', refuse)
     with pytest.raises(cli.UsageError, match='cannot create the run directory .*Permission denied'):
         finetune(tmp_path / 'read-only', tiny_model_dir, dataset, '--max_steps', 1)
+
+
+def test_a_read_only_disk_as_checkpoint_dir_is_one_line(tiny_model_dir, dataset, small_disk):
+    disk = small_disk('size=64k,ro')
+    result = run_script('run_finetune.py', '--dataset', dataset, '--base_model', tiny_model_dir,
+                        '--checkpoint_dir', disk, '--max_steps', 1)
+    assert_usage_error(result, 'cannot create the run directory', 'Read-only file system')
 
 
 def test_help_shows_no_none_defaults():
