@@ -18,6 +18,7 @@ import numpy as np
 
 from finetune.data import batch_indices
 from finetune.optimizers import warmup_learning_rate
+from model_dir import NonFiniteTensorError
 
 # float16's dynamic loss scale: start high, halve on overflow, double after this many good steps.
 INITIAL_LOSS_SCALE = 2.0 ** 15
@@ -144,7 +145,6 @@ def train_loop(trainer, data, config, *, save, val_data=None, sample=None, summa
     bad steps; `save(step)` writes a checkpoint (raising model_dir.NonFiniteTensorError for
     weights it refuses); `sample(step)` returns text to print; `summaries(step, name, value)`
     logs a scalar. Returns a LoopResult."""
-    from model_dir import NonFiniteTensorError
     step = trainer.step_number()
     progress = progress or Progress(start=step, total=config.max_steps, tokens_per_step=0, enabled=False)
     summaries = summaries or (lambda *args: None)

@@ -20,7 +20,7 @@ from finetune.optimizers import make_optimizer
 from finetune.run_dir import (CHECKPOINT_NAME, STEP_VARIABLE, initial_values, lock_run_dir,
                               save_run_checkpoint, start_run_dir)
 from finetune.trainer import Trainer
-from model_dir import load_model_dir, read_tensors
+from model_dir import check_finite, load_model_dir, read_tensors
 
 
 def make_strategy(name):
@@ -132,6 +132,8 @@ def train_in(run_dir, args, strategy, *, chief):
         if chief:
             prefix = save_run_checkpoint(run_dir, trainer.tensors(), step=step, keep=args.keep)
             progress.message(f'Saving {prefix}')
+        else:
+            check_finite(trainer.tensors())  # the chief refuses such weights: stop with it
 
     def sample(step):
         # An unconditional sample from the weights as trained so far.
