@@ -190,10 +190,18 @@ def _discard_unwritten_output():
         os.close(devnull)
 
 
-def write_output(text):
+def write_output(text, *, progress=None):
     """Write `text` to stdout at once; a failed write (full disk, closed descriptor) is a
-    one-line UsageError. A closed pipe stays BrokenPipeError: run_main ends quietly on it."""
+    one-line UsageError. A closed pipe stays BrokenPipeError: run_main ends quietly on it.
+
+    progress: a tqdm bar on stderr. Where it shares a terminal with stdout, the text goes
+    through it (the bar clears itself, then redraws below), so no stale bar lines remain."""
     try:
+        if progress is not None and not progress.disable and sys.stdout.isatty():
+            with progress.external_write_mode():
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            return
         sys.stdout.write(text)
         sys.stdout.flush()
     except BrokenPipeError:

@@ -10,7 +10,6 @@ Lines longer than the model's context are scored with a sliding window that move
 tokens at a time, so every token is conditioned on n_ctx/2 to n_ctx-1 tokens before it.
 """
 import json
-import sys
 
 import cli
 import streams  # no TensorFlow: safe before prepare_tensorflow
@@ -59,22 +58,12 @@ def main(argv=None):
                 else:
                     out = scoring.format_score(result, token_text, with_tokens=args.tokens,
                                                with_perplexity=args.ppl)
-                write_result(out, progress)
+                cli.write_output(out, progress=progress)
                 count += 1
                 progress.update(1)
     if count == 0:
         raise cli.UsageError(f'{name} has no text to score (every line is blank)')
     return 0
-
-
-def write_result(text, progress):
-    """Print a result; where the progress bar shares the terminal with the results, through
-    the bar, which clears itself first and redraws below (no stale bar lines between results)."""
-    if not progress.disable and sys.stdout.isatty():
-        with progress.external_write_mode():
-            cli.write_output(text)
-    else:
-        cli.write_output(text)
 
 
 if __name__ == '__main__':

@@ -67,7 +67,7 @@ def main(argv=None):
                                           batch_size=args.batch_size,
                                           read_ahead=streams.read_ahead_for(args.input))
         with streams.progress_bar(args.input) as progress:
-            count = write_vectors(_counted(vectors, progress), args.output)
+            count = write_vectors(_counted(vectors, progress), args.output, progress=progress)
     if count == 0:
         raise cli.UsageError(f'{name} holds no text to vectorise')
     return 0
@@ -79,8 +79,9 @@ def _counted(items, progress):
         progress.update(1)
 
 
-def write_vectors(vectors, output):
-    """Print each vector as a line, or save them all as one .npy matrix; returns how many."""
+def write_vectors(vectors, output, *, progress=None):
+    """Print each vector as a line (through the `progress` bar, on a terminal), or save them
+    all as one .npy matrix; returns how many."""
     import scoring
     if output is not None:
         try:
@@ -90,7 +91,7 @@ def write_vectors(vectors, output):
                                  f'nothing was written there') from None
     count = 0
     for vector in vectors:
-        cli.write_output(scoring.format_vector(vector) + '\n')
+        cli.write_output(scoring.format_vector(vector) + '\n', progress=progress)
         count += 1
     return count
 
