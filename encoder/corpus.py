@@ -1,6 +1,7 @@
-"""Encoding a folder of .txt files into an .npz of token ids, and reading one back.
+"""Encoding a folder of .txt files into an .npz of token ids, and decoding one back to text.
 
-Used by `python -m encoder` (encoder/__main__.py). The output matches the original
+Used by `python -m encoder` (encoder/__main__.py); the .npz format itself (writing, and the
+checked reader that fine-tuning uses too) is encoder/npz.py. The output matches the original
 gpt2-japanese `encode_bpe.py`: every file's text followed by `<|endoftext|>`, gathered
 file after file into a chunk until the chunk holds at least `combine` characters (the
 end-of-text tags counted), each chunk one array `arr_0`, `arr_1`, ... in file order.
