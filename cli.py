@@ -4,20 +4,27 @@ Scripts are thin `main()` functions wrapped by `run_main`. They parse their argu
 call `prepare_tensorflow(verbose=..., gpu=...)` *before* importing anything that imports
 TensorFlow (the environment variables below only work if set first), and report bad
 input by raising `UsageError`, which `run_main` prints as one line and exit code 2.
+SIGTERM unwinds like Ctrl-C (temporary files are removed on the way out), exit code 143.
 """
 import argparse
 import logging
 import os
+import signal
 import sys
 import tempfile
 import warnings
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM
 
 
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2, no traceback."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that the same clean-up runs."""
 
 
 def add_common_flags(parser, *, gpu=True):
@@ -25,9 +32,10 @@ def add_common_flags(parser, *, gpu=True):
     parser.add_argument('--verbose', action='store_true',
                         help="show TensorFlow's start-up log and warnings (hidden by default)")
     if gpu:
-        parser.add_argument('--gpu', default='0',
-                            help='GPU number(s) to use, comma-separated (e.g. "0" or "0,1"); '
-                                 '-1 runs on the CPU')
+        parser.add_argument('--gpu', default=None,
+                            help='GPU number(s) to use, comma-separated (e.g. "0" or "0,1"); -1 runs '
+                                 'on the CPU. Default: the GPUs TensorFlow finds (as '
+                                 '$CUDA_VISIBLE_DEVICES allows), else the CPU')
 
 
 def add_model_flags(parser):
@@ -40,13 +48,17 @@ def add_model_flags(parser):
 
 
 def prepare_tensorflow(*, verbose=False, gpu=None):
-    """Set up TensorFlow's environment; call before TensorFlow is imported.
+    """Set up TensorFlow's environment and import it; call before TensorFlow is imported.
 
-    Returns nothing; after it, `import tensorflow` is silent unless `verbose`.
+    gpu: None leaves the devices as TensorFlow finds them; "0", "0,1", ... select GPUs (a
+    note on stderr says so when TensorFlow cannot see them); "-1" hides every GPU.
+    Returns the `tensorflow` module, imported silently unless `verbose`.
     """
+    requested = None
     if gpu is not None:
         gpu = str(gpu).strip()
         os.environ['CUDA_VISIBLE_DEVICES'] = '' if gpu.startswith('-') else gpu
+        requested = None if gpu.startswith('-') else [g for g in gpu.split(',') if g.strip()]
     if not verbose:
         # 3 hides TensorFlow's C++ INFO, WARNING and ERROR start-up lines (oneDNN notices,
         # missing CUDA drivers on CPU machines, ...); fatal errors still show.
@@ -65,7 +77,20 @@ def prepare_tensorflow(*, verbose=False, gpu=None):
         tf.get_logger().setLevel(logging.ERROR)
         tf.autograph.set_verbosity(0)
     _allow_gpu_memory_growth(tf)
+    if requested:
+        note_missing_gpus(tf, requested)
     return tf
+
+
+def note_missing_gpus(tf, requested):
+    """One line on stderr when fewer GPUs are visible to TensorFlow than --gpu asked for."""
+    found = len(tf.config.list_physical_devices('GPU'))
+    if found >= len(requested):
+        return
+    seen = 'no GPU' if found == 0 else f'only {found} of them'
+    where = 'on the CPU' if found == 0 else f'on {found}'
+    print(f'note: --gpu {",".join(requested)} asked for {len(requested)} GPU(s) but TensorFlow '
+          f'sees {seen}; running {where} (GPU set-up: README.md, "Using a GPU")', file=sys.stderr)
 
 
 def _import_tensorflow(*, quiet):
@@ -113,31 +138,119 @@ def error_line(prog, message):
 def run_main(main, argv=None, *, prog=None):
     """Run `main(argv)` and turn the ways it can end into exit codes.
 
-    UsageError -> one line on stderr, exit 2; Ctrl-C -> exit 130 without a traceback;
-    a closed stdout pipe (`... | head`) -> quiet exit 0. `prog` names the program in error
-    lines (default: the script's file name).
+    UsageError -> one line on stderr, exit 2; Ctrl-C -> exit 130 and SIGTERM -> exit 143,
+    without a traceback; a closed stdout pipe (`... | head`) -> quiet exit 0. `prog` names
+    the program in error lines (default: the script's file name).
     """
     if prog is None:
         prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else 'gpt2'
+    previous_sigterm = _raise_on_sigterm()
     try:
+        if sys.stdout is None:
+            raise UsageError('standard output is closed; redirect it instead (> FILE or > /dev/null)')
         code = main(argv)
     except UsageError as exc:
         print(error_line(prog, exc), file=sys.stderr)
         code = EXIT_USAGE
+    except Terminated:
+        print(f'{prog}: terminated', file=sys.stderr)
+        code = EXIT_TERMINATED
     except KeyboardInterrupt:
         print(f'{prog}: interrupted', file=sys.stderr)
         code = EXIT_INTERRUPTED
     except BrokenPipeError:
-        # Python would otherwise complain again when it flushes stdout at exit.
+        code = 0
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+    _discard_unwritten_output()
+    sys.exit(code or 0)
+
+
+def _raise_on_sigterm():
+    """Make SIGTERM raise Terminated (in the main thread); returns the previous handler."""
+    def handle(signum, frame):
+        raise Terminated
+    try:
+        return signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread
+        return None
+
+
+def _discard_unwritten_output():
+    """After a failed write to stdout (closed pipe, full disk), Python would fail again, with
+    a traceback, flushing what is left at exit: point stdout at /dev/null instead."""
+    if sys.stdout is None:
+        return
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        code = 0
-    sys.exit(code or 0)
+        os.close(devnull)
+
+
+def write_output(text, *, progress=None):
+    """Write `text` to stdout at once; a failed write (full disk, closed descriptor) is a
+    one-line UsageError. A closed pipe stays BrokenPipeError: run_main ends quietly on it.
+
+    progress: a tqdm bar on stderr. Where it shares a terminal with stdout, the text goes
+    through it (the bar clears itself, then redraws below), so no stale bar lines remain."""
+    try:
+        if progress is not None and not progress.disable and sys.stdout.isatty():
+            with progress.external_write_mode():
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            return
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise UsageError(f'cannot write the results to standard output: '
+                         f'{exc.strerror or exc}') from None
+
+
+def check_text_argument(flag, value):
+    """A command-line text must be valid UTF-8: bytes that are not arrive from the shell as
+    lone surrogates (Python's surrogateescape), which no encoder can take."""
+    try:
+        value.encode('utf-8')
+    except UnicodeEncodeError as exc:
+        bad = value[exc.start].encode('utf-8', 'surrogateescape')
+        raise UsageError(f'{flag} is not valid UTF-8 (byte 0x{bad[0]:02x} at character '
+                         f'{exc.start + 1}); give the text in UTF-8') from None
+
+
+def check_output_file(flag, path):
+    """Refuse before any work an output file that could not be written at the end: a folder,
+    a missing directory, a directory where no file can be created (read-only, no permission)."""
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f'{flag} {path} is a directory; give a file name')
+    if not os.path.isdir(parent):
+        raise UsageError(f'{flag} {path}: the directory {parent} does not exist')
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise UsageError(f'{flag} {path}: cannot create files in {parent} '
+                         f'({exc.strerror or exc})') from None
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except None: the help text says what happens then."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the project's defaults: flag defaults shown in --help."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault('formatter_class', argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault('formatter_class', HelpFormatter)
         super().__init__(*args, **kwargs)

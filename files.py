@@ -7,6 +7,7 @@ the new one, never half. Plain files; no command-line concerns.
     save_npy_rows(path, rows)                 # an [n, width] .npy matrix from rows as they come
 """
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -22,7 +23,9 @@ def atomic_output(path, mode='wb', **open_kwargs):
     half. On an exception the temporary is removed and `path` is untouched. The file gets the
     permissions a plain open() would have given it (mkstemp makes temporaries private)."""
     path = Path(path)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f'.tmp-{path.name}-')
+    remove_stale_temporaries(path)
+    # The writer's pid in the name tells a later writer whether this temporary is still live.
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f'.tmp-{path.name}-{os.getpid()}-')
     try:
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
@@ -34,6 +37,24 @@ def atomic_output(path, mode='wb', **open_kwargs):
         if os.path.exists(temp):
             os.unlink(temp)
         raise
+
+
+def remove_stale_temporaries(path):
+    """Remove the temporaries of `path` that killed writers left (their process is gone)."""
+    for temp in Path(path).parent.glob(f'.tmp-{glob.escape(Path(path).name)}-*-*'):
+        pid = temp.name[len(f'.tmp-{Path(path).name}-'):].split('-', 1)[0]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            temp.unlink(missing_ok=True)
+
+
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # alive, another user's
+    return True
 
 
 def write_text_atomic(path, text):

@@ -8,7 +8,6 @@ The sampling itself lives in sample.py.
 """
 import json
 import sys
-from pathlib import Path
 
 import cli
 import files  # no TensorFlow: safe before prepare_tensorflow
@@ -62,10 +61,9 @@ def check_args(args):
     for name in ('num_generate', 'max_length', 'batch_size'):
         if getattr(args, name) < 1:
             raise cli.UsageError(f'--{name} must be at least 1, not {getattr(args, name)}')
+    cli.check_text_argument('--context', args.context)
     if args.output_file:
-        target = Path(args.output_file)
-        if target.is_dir() or not target.parent.is_dir():
-            raise cli.UsageError(f'--output_file {target}: not a file in an existing directory')
+        cli.check_output_file('--output_file', args.output_file)
 
 
 def main(argv=None):

@@ -10,7 +10,6 @@ Lines longer than the model's context are scored with a sliding window that move
 tokens at a time, so every token is conditioned on n_ctx/2 to n_ctx-1 tokens before it.
 """
 import json
-import sys
 
 import cli
 import streams  # no TensorFlow: safe before prepare_tensorflow
@@ -59,8 +58,7 @@ def main(argv=None):
                 else:
                     out = scoring.format_score(result, token_text, with_tokens=args.tokens,
                                                with_perplexity=args.ppl)
-                sys.stdout.write(out)
-                sys.stdout.flush()
+                cli.write_output(out, progress=progress)
                 count += 1
                 progress.update(1)
     if count == 0:

@@ -8,7 +8,6 @@ A vector prints as the original gpt2-transform.py printed it, a Python list of f
 input order, run in batches. Texts longer than the model's context use their last n_ctx tokens.
 """
 import contextlib
-import sys
 
 import cli
 # Neither imports TensorFlow: safe before prepare_tensorflow.
@@ -34,6 +33,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.context is not None and not args.context:
         raise cli.UsageError('--context is empty; give the text to vectorise')
+    if args.context is not None:
+        cli.check_text_argument('--context', args.context)
     streams.check_batch_flags(args)
     return args
 
@@ -55,6 +56,7 @@ def main(argv=None):
 
     if args.output is not None:
         streams.check_output_path(args.output, overwrite=args.overwrite)
+        cli.check_output_file('--output', args.output)
     name = '--context' if args.input is None else streams.input_name(args.input)
     with contextlib.nullcontext() if args.input is None else streams.open_binary(args.input) as stream:
         loaded = load_model_dir(args.model, vocab_dir=args.vocab)
@@ -67,7 +69,7 @@ def main(argv=None):
                                           batch_size=args.batch_size,
                                           read_ahead=streams.read_ahead_for(args.input))
         with streams.progress_bar(args.input) as progress:
-            count = write_vectors(_counted(vectors, progress), args.output)
+            count = write_vectors(_counted(vectors, progress), args.output, progress=progress)
     if count == 0:
         raise cli.UsageError(f'{name} holds no text to vectorise')
     return 0
@@ -79,15 +81,19 @@ def _counted(items, progress):
         progress.update(1)
 
 
-def write_vectors(vectors, output):
-    """Print each vector as a line, or save them all as one .npy matrix; returns how many."""
+def write_vectors(vectors, output, *, progress=None):
+    """Print each vector as a line (through the `progress` bar, on a terminal), or save them
+    all as one .npy matrix; returns how many."""
     import scoring
     if output is not None:
-        return files.save_npy_rows(output, vectors)
+        try:
+            return files.save_npy_rows(output, vectors)
+        except OSError as exc:
+            raise cli.UsageError(f'cannot write --output {output}: {exc.strerror or exc}; '
+                                 f'nothing was written there') from None
     count = 0
     for vector in vectors:
-        sys.stdout.write(scoring.format_vector(vector) + '\n')
-        sys.stdout.flush()
+        cli.write_output(scoring.format_vector(vector) + '\n', progress=progress)
         count += 1
     return count
 

@@ -23,11 +23,13 @@ import tensorflow as tf
 from cli import UsageError
 from encoder.vocab import EMOJI_FILE, VOCAB_FILE, find_vocab_dir, read_vocab
 from model import SCOPE, HParams, parameter_shapes
-from files import write_text_atomic
+from files import atomic_output, write_text_atomic
 
 HPARAMS_FILE = 'hparams.json'
 CHECKPOINT_STATE_FILE = 'checkpoint'
 DEFAULT_HEAD_SIZE = 64  # every released GPT-2 uses 64-wide heads
+# Names of unfinished saves start with this; checkpoint searches skip names starting with '.'.
+TEMP_PREFIX = '.tmp-'
 
 
 class ModelDirError(UsageError):
@@ -68,6 +70,9 @@ def load_model_dir(path, *, vocab_dir=None, need_vocab=True, n_head=None):
                             f'checkpoint directory such as model/gpt2ja-small')
     if not path.is_dir():
         raise ModelDirError(f'{path} is not a directory; --model takes the checkpoint directory')
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise ModelDirError(f'cannot read the model directory {path}: permission denied; '
+                            f'ask its owner for read access (chmod a+rx) or copy it')
     prefix = find_checkpoint(path)
     shapes = checkpoint_shapes(prefix)
     hparams = resolve_hparams(path, shapes, n_head=n_head)
@@ -97,7 +102,8 @@ def find_checkpoint(directory):
         for candidate in (Path(named), directory / named, directory / Path(named).name):
             if Path(f'{candidate}.index').is_file():
                 return str(candidate)
-    indexes = sorted(directory.glob('*.index'), key=_index_sort_key)
+    indexes = sorted((index for index in directory.glob('*.index') if not index.name.startswith('.')),
+                     key=_index_sort_key)
     if not indexes:
         raise ModelDirError(f'no checkpoint in {directory}: expected NAME.index and '
                             f'NAME.data-00000-of-00001 files (TF1 Saver format)')
@@ -135,6 +141,15 @@ def checkpoint_shapes(prefix):
 def _first_line(exc):
     text = getattr(exc, 'message', None) or str(exc)
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def _reason(exc):
+    """An OSError's or a TensorFlow I/O error's reason alone ("No space left on device"),
+    without the file names and op names TensorFlow wraps around it."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    text = re.sub(r'\s*\[Op:\w+\]\s*$', '', _first_line(exc))
+    return text.rsplit('; ', 1)[-1].strip()
 
 
 def infer_hparams(shapes, *, n_head=None):
@@ -240,27 +255,56 @@ def read_tensors(prefix, names):
     return {name: reader.get_tensor(name) for name in names}
 
 
+class CheckpointWriteError(UsageError):
+    """A checkpoint could not be written (full disk, no permission); nothing was replaced."""
+
+
+class NonFiniteTensorError(ValueError):
+    """A tensor to be saved holds NaN or infinity; such weights are never written."""
+
+
+def check_finite(tensors):
+    """Raise NonFiniteTensorError naming the first floating-point tensor (in name order) that
+    holds a NaN or an infinity; the test runs where the tensor lives (no copy to the host)."""
+    for name in sorted(tensors):
+        value = tf.convert_to_tensor(tensors[name])
+        if value.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(value))):
+            raise NonFiniteTensorError(f'{name} holds NaN or infinite values')
+
+
 def save_checkpoint(directory, tensors, *, step, name='model'):
     """Write `tensors` (name -> array or variable) as `directory/NAME-STEP` in TF1 Saver format
     and point the `checkpoint` file at it (relative path). Returns the prefix.
 
-    Crash-safe: the files are written under a temporary prefix and renamed into place, and
-    the `checkpoint` file is replaced last, so a kill at any moment leaves either the old or
-    the new checkpoint loadable, never a half-written one.
+    Tensors with NaN or infinite values are refused (NonFiniteTensorError) before anything is
+    written. Crash-safe: the files are written in a temporary folder `.tmp-NAME-STEP-PID/`
+    (so no temporary file looks like a checkpoint to `find_checkpoint`), renamed into place
+    data first, index last, and the `checkpoint` file is replaced last, so a kill at any moment
+    leaves either the old or the new checkpoint loadable, never a half-written one. A failed
+    write (full disk) removes the temporary folder and raises CheckpointWriteError.
     """
+    check_finite(tensors)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     final_prefix = directory / f'{name}-{step}'
-    temp_prefix = directory / f'.tmp-{name}-{step}-{os.getpid()}'
-    names = sorted(tensors)
-    values = [tf.convert_to_tensor(tensors[n]) for n in names]
-    tf.raw_ops.SaveV2(prefix=str(temp_prefix), tensor_names=names,
-                      shape_and_slices=[''] * len(names), tensors=values)
-    # Data first, index last: the index is what readers look for.
-    for temp_file in sorted(directory.glob(f'{temp_prefix.name}.data-*')):
-        os.replace(temp_file, directory / temp_file.name.replace(temp_prefix.name, final_prefix.name, 1))
-    os.replace(f'{temp_prefix}.index', f'{final_prefix}.index')
-    write_checkpoint_state(directory, final_prefix.name)
+    temp_dir = directory / f'{TEMP_PREFIX}{name}-{step}-{os.getpid()}'
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        temp_dir.mkdir()
+        temp_prefix = temp_dir / final_prefix.name
+        names = sorted(tensors)
+        values = [tf.convert_to_tensor(tensors[n]) for n in names]
+        tf.raw_ops.SaveV2(prefix=str(temp_prefix), tensor_names=names,
+                          shape_and_slices=[''] * len(names), tensors=values)
+        # Data first, index last: the index is what readers look for.
+        for temp_file in sorted(temp_dir.glob(f'{final_prefix.name}.data-*')):
+            os.replace(temp_file, directory / temp_file.name)
+        os.replace(f'{temp_prefix}.index', f'{final_prefix}.index')
+        write_checkpoint_state(directory, final_prefix.name)
+    except (OSError, tf.errors.OpError) as exc:
+        raise CheckpointWriteError(f'cannot save checkpoint {final_prefix}: {_reason(exc)}; the '
+                                   f'checkpoints saved before are intact') from None
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
     return str(final_prefix)
 
 
@@ -281,7 +325,9 @@ def copy_vocab(vocab_dir, directory):
     for file_name in (VOCAB_FILE, EMOJI_FILE):
         target = Path(directory) / file_name
         if not target.exists():
-            shutil.copyfile(Path(vocab_dir) / file_name, target)
+            # Through a temporary: a copy cut short (full disk) must not pass for the vocabulary.
+            with open(Path(vocab_dir) / file_name, 'rb') as source, atomic_output(target) as copy:
+                shutil.copyfileobj(source, copy)
 
 
 def save_model_dir(directory, params, hparams, *, step=0, vocab_dir=None, extra_tensors=None):

@@ -7,6 +7,9 @@ Checkpoints go to checkpoint/RUN_NAME/, a model directory that gpt2-score, gpt2-
 and gpt2-generate load. Running again with the same --run_name resumes. Ctrl-C or SIGTERM
 saves and exits. See report/finetune.md for memory, speed and several devices.
 """
+import math
+from pathlib import Path
+
 import cli
 
 
@@ -23,7 +26,9 @@ def build_parser():
     model = parser.add_argument_group('model')
     model.add_argument('--base_model', default='model/gpt2ja-small',
                        help='model directory to start from')
-    model.add_argument('--vocab', metavar='DIR', help='vocabulary directory (default: searched for)')
+    model.add_argument('--vocab', metavar='DIR',
+                       help='directory with ja-bpe.txt and emoji.json; when not given: the base '
+                            'model directory, then $GPT2JA_VOCAB_DIR, then encoder/')
     optim = parser.add_argument_group('optimisation')
     optim.add_argument('--batch_size', metavar='SIZE', type=int, default=1,
                        help='sequences per step (the global batch, split across replicas)')
@@ -85,14 +90,17 @@ def check_args(args):
             raise cli.UsageError(f'{flag} must not be negative, not {value}')
     if args.max_steps is not None and args.max_steps < 0:
         raise cli.UsageError(f'--max_steps must not be negative, not {args.max_steps}')
-    if args.epochs <= 0:
-        raise cli.UsageError(f'--epochs must be positive, not {args.epochs}')
-    if not args.learning_rate > 0:
-        raise cli.UsageError(f'--learning_rate must be positive, not {args.learning_rate}')
+    if not (math.isfinite(args.epochs) and args.epochs > 0):
+        raise cli.UsageError(f'--epochs must be a positive number, not {args.epochs}')
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        raise cli.UsageError(f'--learning_rate must be a positive number, not {args.learning_rate}')
     if args.val_dataset and args.val_fraction:
         raise cli.UsageError('give --val_dataset or --val_fraction, not both')
     if not 0 <= args.val_fraction < 1:
-        raise cli.UsageError(f'--val_fraction must be in [0, 1), not {args.val_fraction}')
+        raise cli.UsageError(f'--val_fraction must be at least 0 and below 1, not {args.val_fraction}')
+    checkpoint_dir = Path(args.checkpoint_dir)
+    if checkpoint_dir.exists() and not checkpoint_dir.is_dir():
+        raise cli.UsageError(f'--checkpoint_dir {checkpoint_dir} is not a directory')
     if not args.run_name or '/' in args.run_name or args.run_name in ('.', '..'):
         raise cli.UsageError(f'--run_name must be a plain name, not {args.run_name!r}')
 
@@ -103,8 +111,8 @@ def main(argv=None):
     from finetune.memory import prepare_process
     prepare_process(recompute=args.recompute)  # before TensorFlow is imported
     cli.prepare_tensorflow(verbose=args.verbose, gpu=args.gpu)
-    from finetune.session import run
-    return run(args)
+    from finetune.training_run import run_training
+    return run_training(args)
 
 
 if __name__ == '__main__':

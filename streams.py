@@ -16,6 +16,7 @@ from cli import UsageError
 STDIN = '-'
 ERROR_MODES = ('strict', 'replace')
 _LINE_BREAK = re.compile('\r\n|\r|\n')
+UTF8_BOM = b'\xef\xbb\xbf'
 # The default --batch_size, also scoring's default; defined here, not in scoring.py, so that
 # parsing the flags needs no TensorFlow.
 DEFAULT_BATCH_SIZE = 32
@@ -72,11 +73,14 @@ def decode_line(data, line_number, *, name, errors='strict'):
 
 
 def read_lines(stream, *, name, errors='strict'):
-    """Yield the lines of a byte stream as str, without their line breaks, as they arrive."""
+    """Yield the lines of a byte stream as str, without their line breaks, as they arrive.
+    A UTF-8 byte-order mark at the very start is not text and is dropped."""
     number = 0
     try:
         for data in stream:
             number += 1
+            if number == 1:
+                data = data.removeprefix(UTF8_BOM)
             text = decode_line(data, number, name=name, errors=errors)
             text = text[:-2] if text.endswith('\r\n') else text[:-1] if text[-1:] in '\r\n' else text
             # A lone '\r' inside is a line break too (text mode's universal newlines).

@@ -28,7 +28,7 @@ CHUNK = 50000  # characters, as `python -m encoder` encodes them by default
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--vocab', default=SHARED / 'vocab', type=Path,
                         help='folder holding ja-bpe.txt and emoji.json')
     parser.add_argument('--corpus', default=SHARED / 'corpus', type=Path,

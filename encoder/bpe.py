@@ -101,7 +101,7 @@ class EmojiReplacer:
     def __init__(self, emoji):
         self.tags = dict(emoji)
         self.keys = list(emoji)
-        self.max_key_length = max(map(len, self.keys))
+        self.max_key_length = max(map(len, self.keys), default=0)
         index = {key: i for i, key in enumerate(self.keys)}
         self.trie = {}
         for key in self.keys:

@@ -1,6 +1,7 @@
-"""Encoding a folder of .txt files into an .npz of token ids, and reading one back.
+"""Encoding a folder of .txt files into an .npz of token ids, and decoding one back to text.
 
-Used by `python -m encoder` (encoder/__main__.py). The output matches the original
+Used by `python -m encoder` (encoder/__main__.py); the .npz format itself (writing, and the
+checked reader that fine-tuning uses too) is encoder/npz.py. The output matches the original
 gpt2-japanese `encode_bpe.py`: every file's text followed by `<|endoftext|>`, gathered
 file after file into a chunk until the chunk holds at least `combine` characters (the
 end-of-text tags counted), each chunk one array `arr_0`, `arr_1`, ... in file order.
@@ -13,10 +14,11 @@ Readers that expect int64 work unchanged for loading, slicing, concatenating and
 a model; cast with `.astype(np.int64)` before arithmetic that may leave 0..65535.
 """
 import multiprocessing
+import os
+import signal
 import sys
 import threading
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +27,9 @@ from tqdm import tqdm
 
 from cli import UsageError
 from encoder.bpe import END_OF_TEXT, get_encoder
-from files import atomic_output
+from encoder.npz import read_token_arrays, write_npz
 
 ID_DTYPE = np.uint16
-ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 # Chunks a worker takes at a time: taking them one at a time, the workers wait on the pool's
 # hand-offs (figures: report/encoder.md).
 CHUNKS_PER_TASK = 4
@@ -58,10 +59,6 @@ class Chunk:
     characters: int
     files: int
 
-    @property
-    def text(self):
-        return self.data.decode('utf-8')
-
 
 @dataclass
 class Totals:
@@ -77,12 +74,21 @@ def npz_path(dst_file):
     return path if path.name.endswith('.npz') else path.with_name(path.name + '.npz')
 
 
-def find_text_files(src_dir):
-    """Every .txt file under `src_dir`, recursively, sorted by path."""
+def find_text_files(src_dir, on_bad_file='stop'):
+    """Every .txt file under `src_dir`, recursively, sorted by path. A folder that cannot be
+    read stops everything, or is skipped with a warning (`on_bad_file='skip'`)."""
     src = Path(src_dir)
     if not src.is_dir():
         raise UsageError(f'--src_dir {src_dir}: no such folder')
-    files = sorted(path for path in src.rglob('*.txt') if path.is_file())
+
+    def unreadable(exc):
+        if on_bad_file == 'stop':
+            raise UsageError(f'cannot read the folder {exc.filename}: {exc.strerror}; nothing was '
+                             f'written (--on_bad_file skip leaves it out)')
+        print(f'skipping the folder {exc.filename}: {exc.strerror}', file=sys.stderr)
+
+    files = sorted(Path(folder) / name for folder, _, names in os.walk(src, onerror=unreadable)
+                   for name in names if name.endswith('.txt') and (Path(folder) / name).is_file())
     if not files:
         raise UsageError(f'--src_dir {src_dir}: no .txt files in it')
     return files
@@ -126,6 +132,13 @@ def _start_worker(vocab_dir):
     _worker_encoder = get_encoder(vocab_dir)
 
 
+def _start_pool_worker(vocab_dir):
+    # The pool ends its workers with SIGTERM: they need no clean-up of their own (the parent
+    # removes the temporary output), and the parent's handler would print tracebacks here.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _start_worker(vocab_dir)
+
+
 def _encode_chunk(data_and_clean):
     data, clean = data_and_clean
     return np.array(_worker_encoder.encode(data.decode('utf-8'), clean=clean), dtype=ID_DTYPE)
@@ -151,35 +164,16 @@ def encode_in_order(chunks, *, vocab_dir, clean, num_process):
             pending.append(chunk)
             yield chunk.data, clean
 
-    with multiprocessing.Pool(num_process, _start_worker, (vocab_dir,)) as pool:
+    with multiprocessing.Pool(num_process, _start_pool_worker, (vocab_dir,)) as pool:
         for ids in pool.imap(_encode_chunk, tasks(), chunksize=CHUNKS_PER_TASK):
             slots.release()
             yield pending.pop(0), ids
 
 
-def write_npz(dst, arrays):
-    """Write `arrays` as arr_0, arr_1, ... of an .npz (as np.savez) one at a time.
-
-    Written to a temporary file beside `dst`, which replaces `dst` only when all went
-    well: an existing `dst` is never left half overwritten.
-    """
-    if dst.is_dir():
-        raise UsageError(f'--dst_file {dst} is a folder')
-    try:
-        with atomic_output(dst) as tmp, zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED) as npz:
-            for index, array in enumerate(arrays):
-                # A fixed time stamp, so the same corpus always gives the same bytes.
-                member = zipfile.ZipInfo(f'arr_{index}.npy', date_time=ZIP_DATE_TIME)
-                with npz.open(member, 'w', force_zip64=True) as f:
-                    np.lib.format.write_array(f, array, allow_pickle=False)
-    except OSError as exc:
-        raise UsageError(f'cannot write {dst}: {exc.strerror or exc}') from None
-
-
 def encode_folder(src_dir, dst_file, *, vocab_dir, combine=50000, clean=False,
                   num_process=1, on_bad_file='stop', progress=True):
     """Encode every .txt under `src_dir` into `dst_file` (.npz); returns the Totals."""
-    files = find_text_files(src_dir)
+    files = find_text_files(src_dir, on_bad_file)
     dst = npz_path(dst_file)
     totals = Totals()
     texts = read_text_files(files, on_bad_file, totals)
@@ -201,21 +195,12 @@ def encode_folder(src_dir, dst_file, *, vocab_dir, combine=50000, clean=False,
     return totals
 
 
-def load_arrays(npz_file):
-    """The arrays of an .npz written by encode_folder (or np.savez), in order."""
-    try:
-        with np.load(npz_file) as npz:
-            names = sorted(npz.files, key=lambda name: int(name.rpartition('_')[2]))
-            return [npz[name] for name in names]
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise UsageError(f'cannot read {npz_file} as an .npz of token ids: {exc}') from None
-
-
 def decode_npz(npz_file, encoder, out):
     """Write the text of each array of `npz_file`, in order, to `out`."""
-    for array in load_arrays(npz_file):
+    for number, array in enumerate(read_token_arrays(npz_file)):
         if array.size and (array.min() < 0 or array.max() >= len(encoder)):
-            raise UsageError(f'{npz_file} holds ids outside the vocabulary (0..{len(encoder) - 1})')
+            raise UsageError(f'{npz_file}: array {number} holds ids outside the vocabulary '
+                             f'(0..{len(encoder) - 1})')
         out.write(encoder.decode(array.tolist()))
 
 

@@ -77,6 +77,7 @@ def read_emoji(vocab_dir):
             data = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise VocabularyError(f'cannot read {path}: {exc}') from None
-    if not isinstance(data, dict) or 'emoji' not in data or 'emoji_inv' not in data:
-        raise VocabularyError(f'{path} must hold an object with "emoji" and "emoji_inv"')
+    if (not isinstance(data, dict) or not isinstance(data.get('emoji'), dict)
+            or not isinstance(data.get('emoji_inv'), dict)):
+        raise VocabularyError(f'{path} must hold an object with "emoji" and "emoji_inv" objects')
     return data['emoji'], data['emoji_inv']

@@ -3,6 +3,8 @@
 - `data`: the .npz dataset as memory-mapped token arrays, cut into n_ctx-token sequences;
 - `optimizers`: Adam / Adagrad / SGD with TF1's update rules and slot names;
 - `trainer`: the variables and the training step, written for tf.distribute;
-- `run_dir`: the run directory (a model directory) and its checkpoints;
-- `loop`: the training loop: when to save, validate, sample, stop.
+- `run_dir`: the run directory (a model directory), its lock and its checkpoints;
+- `loop`: the training loop: when to save, validate, sample, stop;
+- `memory`: process settings (malloc, oneDNN) made before TensorFlow starts;
+- `training_run`: one run from checked flags, putting the parts above together.
 """

@@ -1,10 +1,11 @@
 """The training data: token arrays from the encoder's .npz, cut into n_ctx-token sequences.
 
-The arrays are memory-mapped where the .npz stores them uncompressed (`np.savez`, what
-`python -m encoder` writes), so a corpus larger than memory trains; compressed members are
-read into memory. Tokens are never turned into Python objects.
+The arrays come from encoder/npz.py's reader: checked (checksums, 1-D integers), in order
+(arr_0, arr_1, ...), memory-mapped where the .npz stores them uncompressed (`np.savez`, what
+`python -m encoder` writes), so a corpus larger than memory trains. Tokens are never turned
+into Python objects.
 
-The arrays are read in file order as one stream of tokens, cut into consecutive sequences of
+The arrays are read in order as one stream of tokens, cut into consecutive sequences of
 n_ctx tokens; the last, partial one is padded with the end-of-text id, and the padding is not
 trained on (its loss weight is 0). The order of sequences is a pure function of (seed, epoch),
 so a resumed run sees exactly the batches an uninterrupted run would have.
@@ -12,64 +13,15 @@ so a resumed run sees exactly the batches an uninterrupted run would have.
 import dataclasses
 import functools
 import math
-import zipfile
 
 import numpy as np
 
 from cli import UsageError
+from encoder.npz import read_token_arrays
 
 
 class DatasetError(UsageError):
     """A dataset that cannot be trained on; the message says why."""
-
-
-def _memmap_npz_member(path, archive, info):
-    """The member as a read-only np.memmap, or None where it cannot be mapped (compressed)."""
-    if info.compress_type != zipfile.ZIP_STORED:
-        return None
-    with open(path, 'rb') as f:
-        # The local file header: 30 fixed bytes, then the name and an extra field whose
-        # lengths (at offsets 26 and 28) may differ from the central directory's copy.
-        f.seek(info.header_offset)
-        header = f.read(30)
-        name_length = int.from_bytes(header[26:28], 'little')
-        extra_length = int.from_bytes(header[28:30], 'little')
-        f.seek(info.header_offset + 30 + name_length + extra_length)
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
-            return None
-        offset = f.tell()
-    if dtype.hasobject:
-        return None
-    return np.memmap(path, dtype=dtype, mode='r', offset=offset, shape=shape,
-                     order='F' if fortran_order else 'C')
-
-
-def load_token_arrays(path):
-    """The arrays of the .npz at `path`, in file order, as 1-D integer arrays."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            members = [info for info in archive.infolist() if info.filename.endswith('.npy')]
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = []
-                for info in members:
-                    array = _memmap_npz_member(path, archive, info)
-                    arrays.append(array if array is not None else npz[info.filename[:-len('.npy')]])
-    except FileNotFoundError:
-        raise DatasetError(f'dataset {path} does not exist; make one with python -m encoder') from None
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise DatasetError(f'dataset {path} is not a readable .npz file: {exc}') from None
-    if not arrays:
-        raise DatasetError(f'dataset {path} holds no arrays')
-    for info, array in zip(members, arrays):
-        if not np.issubdtype(array.dtype, np.integer):
-            raise DatasetError(f'dataset {path}: {info.filename} holds {array.dtype} values, '
-                               f'not token ids (integers)')
-    return [array.reshape(-1) for array in arrays]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +95,7 @@ def check_token_ids(arrays, n_vocab, path):
 def load_sequences(path, *, n_ctx, n_vocab, pad_id):
     """The dataset at `path` as TokenSequences, checked: ids in the vocabulary, and at least
     one full sequence of tokens."""
-    arrays = load_token_arrays(path)
+    arrays = read_token_arrays(path)
     total = sum(len(a) for a in arrays)
     if total < n_ctx:
         raise DatasetError(f'dataset {path} has {total} tokens, fewer than one sequence of '
@@ -153,9 +105,8 @@ def load_sequences(path, *, n_ctx, n_vocab, pad_id):
 
 
 def split_validation(sequences, fraction):
-    """(training, validation): the last `fraction` of the sequences (at least one) held out."""
-    if not 0 < fraction < 1:
-        raise DatasetError(f'--val_fraction must be between 0 and 1, not {fraction}')
+    """(training, validation): the last `fraction` (0 < fraction < 1, as run_finetune.py
+    checks) of the sequences, at least one, held out."""
     held_out = max(1, round(len(sequences) * fraction))
     if held_out >= len(sequences):
         raise DatasetError(f'--val_fraction {fraction} leaves no training data: the dataset has '

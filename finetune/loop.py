@@ -1,6 +1,12 @@
 """The training loop: which batch each step trains on, and when to save, validate, sample and
 stop. It ends on the first of: `max_steps` reached; Ctrl-C or SIGTERM (after the current
-step); `max_bad_steps` non-finite losses in a row. Each way saves once before returning.
+step); `max_bad_steps` non-finite losses in a row; weights that became non-finite. The first
+two save once before returning; the last two save nothing more, since the weights are suspect
+or broken.
+
+A checkpoint is "good" once the weights it holds gave a finite loss: the step after a save
+that is applied proves it (a skipped step changes nothing, so the weights saved are still
+the ones being trained).
 """
 import dataclasses
 import math
@@ -12,6 +18,7 @@ import numpy as np
 
 from finetune.data import batch_indices
 from finetune.optimizers import warmup_learning_rate
+from model_dir import NonFiniteTensorError
 
 # float16's dynamic loss scale: start high, halve on overflow, double after this many good steps.
 INITIAL_LOSS_SCALE = 2.0 ** 15
@@ -27,7 +34,6 @@ class LoopConfig:
     accumulate: int = 1
     seed: int = 0
     save_every: int = 1000
-    keep: int = 5
     val_every: int = 0
     sample_every: int = 0
     max_bad_steps: int = 5
@@ -37,8 +43,9 @@ class LoopConfig:
 @dataclasses.dataclass
 class LoopResult:
     step: int
-    reason: str  # 'finished', 'interrupted' or 'non-finite'
-    losses: list
+    reason: str  # 'finished', 'interrupted', 'non-finite' (losses) or 'non-finite-weights'
+    good_step: int = None  # the newest step saved whose weights then gave a finite loss
+    bad_steps: int = 0  # non-finite losses in a row at the end
 
 
 class StopRequest:
@@ -135,13 +142,17 @@ class Progress:
 def train_loop(trainer, data, config, *, save, val_data=None, sample=None, summaries=None,
                progress=None):
     """Train until `config.max_steps` (counting the resumed step), a stop request or too many
-    bad steps; `save(step)` writes a checkpoint; `sample(step)` returns text to print;
-    `summaries(step, name, value)` logs a scalar. Returns a LoopResult."""
+    bad steps; `save(step)` writes a checkpoint (raising model_dir.NonFiniteTensorError for
+    weights it refuses); `sample(step)` returns text to print; `summaries(step, name, value)`
+    logs a scalar. Returns a LoopResult."""
     step = trainer.step_number()
     progress = progress or Progress(start=step, total=config.max_steps, tokens_per_step=0, enabled=False)
     summaries = summaries or (lambda *args: None)
     loss_scale = INITIAL_LOSS_SCALE if config.dynamic_loss_scale else 1.0
-    good_in_a_row, bad_in_a_row, saved_step, losses, reason = 0, 0, step, [], 'finished'
+    good_in_a_row, bad_in_a_row, reason = 0, 0, 'finished'
+    # A resumed checkpoint holds the weights trained on first: unproven until a step applies.
+    # (A fresh run starts at step 0 from the base model, which is no checkpoint of the run.)
+    saved_step, unproven_step, good_step = step, step or None, None
     with StopRequest() as stop:
         while step < config.max_steps:
             if stop.requested:
@@ -154,8 +165,9 @@ def train_loop(trainer, data, config, *, save, val_data=None, sample=None, summa
             loss, applied = trainer.train_step(tokens, weights, learning_rate=learning_rate,
                                                loss_scale=loss_scale)
             step += 1
-            losses.append(loss)
             if applied:
+                if unproven_step is not None:
+                    good_step, unproven_step = unproven_step, None
                 good_in_a_row, bad_in_a_row = good_in_a_row + 1, 0
                 progress.update(step, loss, time.time() - began)
                 summaries(step, 'loss', loss)
@@ -173,17 +185,24 @@ def train_loop(trainer, data, config, *, save, val_data=None, sample=None, summa
                     reason = 'non-finite'
                     break
             if config.save_every and step % config.save_every == 0:
-                save(step)
-                saved_step = step
+                try:
+                    save(step)
+                except NonFiniteTensorError:
+                    reason = 'non-finite-weights'
+                    break
+                saved_step, unproven_step = step, step
             if val_data is not None and config.val_every and step % config.val_every == 0:
                 report_validation(trainer, val_data, config, step, progress, summaries)
             if sample is not None and config.sample_every and step % config.sample_every == 0:
                 progress.message(f'======== SAMPLE at step {step} ========\n{sample(step)}',
                                  stream=sys.stdout)
-    if saved_step != step:
-        save(step)
+    if reason in ('finished', 'interrupted') and saved_step != step:
+        try:
+            save(step)
+        except NonFiniteTensorError:
+            reason = 'non-finite-weights'
     progress.close()
-    return LoopResult(step=step, reason=reason, losses=losses)
+    return LoopResult(step=step, reason=reason, good_step=good_step, bad_steps=bad_in_a_row)
 
 
 def report_validation(trainer, val_data, config, step, progress, summaries):

@@ -18,9 +18,9 @@ import numpy as np
 import tensorflow as tf
 
 import model
+from finetune.run_dir import STEP_VARIABLE
 
 COMPUTE_DTYPES = {'float32': tf.float32, 'bfloat16': tf.bfloat16, 'float16': tf.float16}
-STEP_VARIABLE = 'global_step'
 
 
 def token_loss_sum(values, tokens, weights, *, hparams, compute_dtype, recompute):

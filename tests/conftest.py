@@ -8,6 +8,8 @@ data is looked for in $GPT2JA_SHARED, else beside the checkout.
 import dataclasses
 import json
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -117,3 +119,23 @@ def no_vocab_env(monkeypatch):
     """No $GPT2JA_VOCAB_DIR, so vocabulary lookup depends on the test alone."""
     monkeypatch.delenv('GPT2JA_VOCAB_DIR', raising=False)
     return os.environ
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(options) -> a tiny tmpfs mounted with them ('size=64k,ro'), for full and
+    read-only disks; skips where mounting is not allowed (it needs root)."""
+    mounted = []
+
+    def mount(options):
+        point = tmp_path / f'disk{len(mounted)}'
+        point.mkdir()
+        if shutil.which('mount') is None or subprocess.run(
+                ['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(point)],
+                capture_output=True).returncode != 0:
+            pytest.skip('cannot mount a small tmpfs here (needs root)')
+        mounted.append(point)
+        return point
+    yield mount
+    for point in mounted:
+        subprocess.run(['umount', str(point)], check=False)

@@ -1,8 +1,9 @@
-"""One fine-tuning run from checked arguments: strategy, data, run directory, trainer, loop.
+"""One fine-tuning run from checked arguments: strategy, run directory, data, trainer, loop.
 
-`run_finetune.py` parses and checks the flags, prepares TensorFlow, then calls `run(args)`.
-Everything the user can get wrong is checked here before the first step.
+`run_finetune.py` parses and checks the flags, prepares TensorFlow, then calls
+`run_training(args)`. Everything the user can get wrong is checked here before the first step.
 """
+import contextlib
 import json
 import math
 import os
@@ -16,9 +17,10 @@ from cli import UsageError
 from finetune import data as data_module
 from finetune.loop import LoopConfig, Progress, train_loop
 from finetune.optimizers import make_optimizer
-from finetune.run_dir import initial_values, save_run_checkpoint, start_run_dir
+from finetune.run_dir import (CHECKPOINT_NAME, STEP_VARIABLE, initial_values, lock_run_dir,
+                              save_run_checkpoint, start_run_dir)
 from finetune.trainer import Trainer
-from model_dir import load_model_dir
+from model_dir import check_finite, load_model_dir, read_tensors
 
 
 def make_strategy(name):
@@ -82,29 +84,42 @@ def summary_writer(run_dir, chief):
     return write
 
 
-def run(args):
-    """Train as `args` say; returns the exit code (0 finished or interrupted, 1 stopped on
-    non-finite losses)."""
+def run_training(args):
+    """Train as `args` say; returns the exit code (0 finished, interrupted or nothing to do;
+    1 stopped because the loss or the weights stopped being finite)."""
     strategy = make_strategy(args.strategy)
     if args.batch_size % strategy.num_replicas_in_sync:
         raise UsageError(f'--batch_size {args.batch_size} must be a multiple of the '
                          f'{strategy.num_replicas_in_sync} replicas (it is the global batch)')
+    run_dir = Path(args.checkpoint_dir) / args.run_name
+    chief = is_chief(strategy)
+    # Only the chief writes the run directory, so only the chief locks it.
+    with lock_run_dir(run_dir) if chief else contextlib.nullcontext():
+        return train_in(run_dir, args, strategy, chief=chief)
+
+
+def train_in(run_dir, args, strategy, *, chief):
     base = load_model_dir(args.base_model, vocab_dir=args.vocab)
     encoder = base.load_encoder()
     train, val = load_datasets(args, base.hparams, eot_id=encoder.eot_id)
-    run_dir = Path(args.checkpoint_dir) / args.run_name
-    chief = is_chief(strategy)
     optimizer = make_optimizer(args.optim)
     # Other workers start from the base model: MultiWorkerMirroredStrategy gives every
     # variable the chief's initial value, resumed or not.
     resume = start_run_dir(run_dir, base, args.optim) if chief else None
+    max_steps = total_steps(args, train)
+    if resume:
+        resumed_step = int(read_tensors(resume, [STEP_VARIABLE])[STEP_VARIABLE])
+        if resumed_step >= max_steps:
+            print(f'Nothing to do: {resume} is at step {resumed_step}, and the run stops at step '
+                  f'{max_steps}; raise --max_steps (or --epochs) to train further', file=sys.stderr)
+            return 0
     trainer = Trainer(hparams=base.hparams, optimizer=optimizer, strategy=strategy,
                       initial=initial_values(base, resume, optimizer),
                       precision=args.precision, recompute=args.recompute, xla=args.xla)
-    config = LoopConfig(batch_size=args.batch_size, max_steps=total_steps(args, train),
+    config = LoopConfig(batch_size=args.batch_size, max_steps=max_steps,
                         learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
                         accumulate=args.accumulate_gradients, seed=args.seed,
-                        save_every=args.save_every, keep=args.keep, val_every=args.val_every,
+                        save_every=args.save_every, val_every=args.val_every,
                         sample_every=args.sample_every if chief else 0,
                         max_bad_steps=args.max_bad_steps,
                         dynamic_loss_scale=args.precision == 'float16')
@@ -117,6 +132,8 @@ def run(args):
         if chief:
             prefix = save_run_checkpoint(run_dir, trainer.tensors(), step=step, keep=args.keep)
             progress.message(f'Saving {prefix}')
+        else:
+            check_finite(trainer.tensors())  # the chief refuses such weights: stop with it
 
     def sample(step):
         # An unconditional sample from the weights as trained so far.
@@ -127,9 +144,22 @@ def run(args):
 
     result = train_loop(trainer, train, config, save=save, val_data=val, sample=sample,
                         summaries=summary_writer(run_dir, chief), progress=progress)
-    if result.reason == 'non-finite':
-        print(f'{Path(sys.argv[0]).name}: stopped: the loss was not finite {args.max_bad_steps} '
-              f'steps in a row; step {result.step} holds the last good weights', file=sys.stderr)
+    if result.reason in ('non-finite', 'non-finite-weights'):
+        if chief:
+            print(f'{Path(sys.argv[0]).name}: {stop_message(result, run_dir, args)}', file=sys.stderr)
         return 1
     return 0
 
+
+def stop_message(result, run_dir, args):
+    """Why the run stopped on non-finite numbers, and which checkpoint, if any, is known good."""
+    if result.reason == 'non-finite':
+        why = (f'stopped at step {result.step}: the loss was not finite {result.bad_steps} steps '
+               f'in a row; these weights were not saved')
+    else:
+        why = (f'stopped at step {result.step}: the update made the weights NaN or infinite '
+               f'(is --learning_rate {args.learning_rate:g} too high?); they were not saved')
+    good = run_dir / f'{CHECKPOINT_NAME}-{result.good_step}'
+    if result.good_step is not None and Path(f'{good}.index').exists():
+        return f'{why}; {good} holds the last weights known to give a finite loss'
+    return f'{why}; no checkpoint of this run is known to give a finite loss'
