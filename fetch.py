@@ -23,7 +23,6 @@ serving NAME.tar.bz2, ja-bpe.txt and emoji.json. `$GPT2JA_OFFLINE=1` turns fetch
 """
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import http.client
 import os
@@ -38,6 +37,11 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Mapping, Tuple
 
 from cli import UsageError
+
+try:
+    import fcntl
+except ImportError:  # Windows: fetching works, but two processes must not fetch at once
+    fcntl = None
 
 RELEASED_MODELS = ('gpt2ja-small', 'gpt2ja-medium')
 # The original project's addresses: the primary, then the spare.
@@ -104,6 +108,8 @@ class Settings:
         environ = os.environ if environ is None else environ
         home = Path(environ[HOME_ENV]).expanduser() if environ.get(HOME_ENV) else _default_home()
         mirror = (environ.get(MIRROR_ENV) or '').strip().rstrip('/')
+        if mirror and '://' not in mirror:  # a folder holding the files
+            mirror = Path(mirror).expanduser().resolve().as_uri()
         urls = {}
         if mirror:
             urls = dict(model_urls=(mirror + '/{name}.tar.bz2',), vocab_urls=(mirror + '/{name}',))
@@ -167,7 +173,7 @@ def fetch_model(name, *, verify, settings=None):
         raise FetchError(f'{name} is not in {settings.home} and ${OFFLINE_ENV} is set, so it '
                          f'is not fetched: run `{FETCH_COMMAND} {name}` where there is internet '
                          f'and copy {target} here, or pass --model DIR')
-    with _locked(settings.home, name):
+    with _cache_errors(settings.home), _locked(settings.home, name):
         if target.is_dir():  # fetched by another process while this one waited
             return target
         _clear_leftovers(settings.home, name)
@@ -200,7 +206,7 @@ def fetch_vocab(settings=None):
                          f'${OFFLINE_ENV} is set, so it is not fetched: run '
                          f'`{FETCH_COMMAND} vocab` where there is internet and copy {target} '
                          f'here, or pass --vocab DIR')
-    with _locked(settings.home, VOCAB_SUBDIR):
+    with _cache_errors(settings.home), _locked(settings.home, VOCAB_SUBDIR):
         for name in missing:
             if not (target / name).is_file():
                 _download([u.format(name=name) for u in settings.vocab_urls], target / name,
@@ -218,16 +224,20 @@ def unpack_local_archive(archive, *, verify, settings=None):
     settings = settings or Settings.from_env()
     archive = Path(archive).resolve()
     stem = archive_stem(archive)
-    if stem is None or not tarfile.is_tarfile(archive):
+    try:
+        is_archive = stem is not None and tarfile.is_tarfile(archive)
+        stat = archive.stat()
+    except OSError as exc:
+        raise FetchError(f'cannot read {archive}: {exc.strerror or exc}') from None
+    if not is_archive:
         raise FetchError(f'{archive} is a file but not a model archive (.tar.bz2, .tar.gz, '
                          f'.tar); --model takes a model directory, a released name or an archive')
-    stat = archive.stat()
     identity = f'{archive}\0{stat.st_size}\0{stat.st_mtime_ns}'.encode('utf-8', 'surrogateescape')
     key = f'{stem}-{hashlib.sha256(identity).hexdigest()[:12]}'
     target = settings.home / LOCAL_SUBDIR / key
     if target.is_dir():
         return target
-    with _locked(settings.home, f'{LOCAL_SUBDIR}-{key}'):
+    with _cache_errors(settings.home), _locked(settings.home, f'{LOCAL_SUBDIR}-{key}'):
         if target.is_dir():
             return target
         _clear_leftovers(target.parent, key)
@@ -336,10 +346,24 @@ def _clear_leftovers(directory, name):
 
 
 @contextlib.contextmanager
+def _cache_errors(home):
+    """A cache that cannot be written (permissions, a full disk) is one line, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename or home
+        raise FetchError(f'cannot write {where}: {exc.strerror or exc}; make {home} writable '
+                         f'or set ${HOME_ENV} to a folder that is') from None
+
+
+@contextlib.contextmanager
 def _locked(home, name):
     """Hold the cache's lock for `name`; a second process waits here, saying so once."""
     lock_path = Path(home) / LOCK_SUBDIR / f'{name}.lock'
     lock_path.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
     with open(lock_path, 'a+b') as lock_file:
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -53,10 +53,14 @@ def find_vocab_dir(vocab_dir=None, model_dir=None):
     for _, directory in candidates:
         if _has_vocab(directory):
             return directory
+    looked = ', '.join(f'{label} ({path})' for label, path in candidates)
     settings = fetch.Settings.from_env()
     if vocab_dir is None and not settings.offline:
-        return fetch.fetch_vocab(settings)
-    looked = ', '.join(f'{label} ({path})' for label, path in candidates)
+        try:
+            return fetch.fetch_vocab(settings)
+        except fetch.FetchError as exc:
+            raise VocabularyError(f'vocabulary not found in {looked}, and fetching it failed: '
+                                  f'{exc}') from None
     offline = f' (${fetch.OFFLINE_ENV} is set)' if vocab_dir is None else ''
     raise VocabularyError(
         f'vocabulary not found: {VOCAB_FILE} and {EMOJI_FILE} must both be in one of: {looked}; '

@@ -292,6 +292,30 @@ def test_too_little_disk_space_is_refused_before_downloading(server, release, tm
     assert leftovers(tmp_path) == [] and not (tmp_path / NAME).exists()
 
 
+def test_a_mirror_may_be_a_local_folder(release, tmp_path):
+    model_files, vocab = release
+    mirror = tmp_path / 'usb stick'
+    mirror.mkdir()
+    (mirror / f'{NAME}.tar.bz2').write_bytes(pack(model_files))
+    for name, data in vocab.items():
+        (mirror / name).write_bytes(data)
+    settings = fetch.Settings.from_env({'GPT2JA_MIRROR': str(mirror), 'GPT2JA_HOME': str(tmp_path / 'home')})
+    settings = fetch.dataclasses.replace(settings, vocab_sha256=pins_of(vocab))
+    # A file: address ignores Range, so a partial download starts again from the beginning.
+    (tmp_path / 'home').mkdir()
+    (tmp_path / 'home' / f'{NAME}.tar.bz2.part').write_bytes(b'not the archive')
+    found = fetch.fetch_model(NAME, verify=check_loads, settings=settings)
+    assert load_model_dir(found).hparams == SMALL and leftovers(tmp_path / 'home') == []
+
+
+def test_a_cache_that_cannot_be_written_is_one_error(server, release, tmp_path):
+    serve(server, release)
+    home = tmp_path / 'a file'
+    home.write_text('')
+    with pytest.raises(fetch.FetchError, match='cannot write .*GPT2JA_HOME'):
+        fetch.fetch_model(NAME, verify=check_loads, settings=settings_for(server, home, release[1]))
+
+
 # ---------------------------------------------------------------- refused
 
 def test_a_tampered_vocabulary_is_refused_and_nothing_is_left(server, release, tmp_path):
