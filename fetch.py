@@ -171,8 +171,8 @@ def fetch_model(name, *, verify, settings=None):
         return target
     if settings.offline:
         raise FetchError(f'{name} is not in {settings.home} and ${OFFLINE_ENV} is set, so it '
-                         f'is not fetched: run `{FETCH_COMMAND} {name}` where there is internet '
-                         f'and copy {target} here, or pass --model DIR')
+                         f'is not fetched: unset it, or fetch it where there is internet '
+                         f'(`{FETCH_COMMAND} {name}`) and copy it to {target}, or pass --model DIR')
     with _cache_errors(settings.home), _locked(settings.home, name):
         if target.is_dir():  # fetched by another process while this one waited
             return target
@@ -203,9 +203,9 @@ def fetch_vocab(settings=None):
         return target
     if settings.offline:
         raise FetchError(f'the vocabulary ({", ".join(missing)}) is not in {target} and '
-                         f'${OFFLINE_ENV} is set, so it is not fetched: run '
-                         f'`{FETCH_COMMAND} vocab` where there is internet and copy {target} '
-                         f'here, or pass --vocab DIR')
+                         f'${OFFLINE_ENV} is set, so it is not fetched: unset it, or fetch it '
+                         f'where there is internet (`{FETCH_COMMAND} vocab`) and copy it to '
+                         f'{target}, or pass --vocab DIR')
     with _cache_errors(settings.home), _locked(settings.home, VOCAB_SUBDIR):
         for name in missing:
             if not (target / name).is_file():
