@@ -475,12 +475,14 @@ def _download_once(url, part, *, what, settings, space_factor, announce):
 def _copy_to_part(response, part, *, offset, total, what):
     from tqdm import tqdm
     written = offset
+    # read1: what has arrived (up to a chunk), so that an interruption keeps all of it.
+    read = getattr(response, 'read1', response.read)
     with open(part, 'ab' if offset else 'wb') as out, \
             tqdm(total=total, initial=offset, desc=what, unit='B', unit_scale=True,
                  unit_divisor=1024, file=sys.stderr, disable=None, leave=False) as progress:
         while True:
             try:
-                chunk = response.read(CHUNK_BYTES)
+                chunk = read(CHUNK_BYTES)
             except (OSError, http.client.HTTPException) as exc:
                 raise _Retry(f'connection lost after {written} bytes '
                              f'({str(exc) or type(exc).__name__})') from None
@@ -488,6 +490,7 @@ def _copy_to_part(response, part, *, offset, total, what):
                 break
             try:
                 out.write(chunk)
+                out.flush()  # a killed process keeps all it received, for the next run
             except OSError as exc:
                 raise FetchError(f'cannot write {part}: {exc.strerror or exc}') from None
             written += len(chunk)

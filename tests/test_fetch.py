@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import io
 import json
+import signal
 import subprocess
 import sys
 import tarfile
@@ -67,6 +68,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(data[:len(data) // 2])
             self.close_connection = True
             return
+        stall = server.stalls.get(self.path)
+        if stall is not None:  # half now, the rest when the test says
+            self.wfile.write(data[:len(data) // 2])
+            self.wfile.flush()
+            server.half_sent.set()
+            stall.wait(60)
+            data = data[len(data) // 2:]
         self.wfile.write(data)
 
     def log_message(self, *args):
@@ -78,12 +86,13 @@ def server():
     httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
     httpd.daemon_threads = True
     httpd.files, httpd.requests, httpd.failing, httpd.drop_once, httpd.gates = {}, [], set(), set(), {}
+    httpd.stalls, httpd.half_sent = {}, threading.Event()
     httpd.lock = threading.Lock()
     httpd.url = f'http://127.0.0.1:{httpd.server_address[1]}'
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield httpd
-    for gate in httpd.gates.values():
+    for gate in [*httpd.gates.values(), *httpd.stalls.values()]:
         gate.set()
     httpd.shutdown()
     httpd.server_close()
@@ -398,6 +407,31 @@ def test_two_processes_fetching_at_once_end_with_one_good_copy(server, release, 
     assert out1 == out2 == f'{tmp_path / NAME}\n'
     assert len(requested(server, ARCHIVE_PATH)) == 1 and 'fetching' not in err2
     assert load_model_dir(tmp_path / NAME).hparams == SMALL and leftovers(tmp_path) == []
+
+
+def test_ctrl_c_while_downloading_leaves_a_part_that_the_next_run_resumes(server, release, tmp_path):
+    serve(server, release)
+    server.stalls[ARCHIVE_PATH] = threading.Event()
+    env = dict(GPT2JA_HOME=str(tmp_path), GPT2JA_MIRROR=server.url, GPT2JA_OFFLINE='')
+    worker = subprocess.Popen([sys.executable, '-c', WORKER, str(REPO), json.dumps(pins_of(release[1]))],
+                              env={**__import__('os').environ, **env}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    part = tmp_path / f'{NAME}.tar.bz2.part'
+    assert server.half_sent.wait(60)
+    for _ in range(600):  # until the worker has the first half
+        if part.exists() and part.stat().st_size > 0:
+            break
+        threading.Event().wait(0.05)
+    worker.send_signal(signal.SIGINT)
+    worker.communicate(timeout=60)
+    assert worker.returncode != 0 and not (tmp_path / NAME).exists()
+    kept = part.stat().st_size if part.exists() else 0
+    assert 0 < kept <= len(server.files[ARCHIVE_PATH]) // 2
+    del server.stalls[ARCHIVE_PATH]
+    server.requests.clear()
+    found = fetch.fetch_model(NAME, verify=check_loads, settings=settings_for(server, tmp_path, release[1]))
+    assert requested(server, ARCHIVE_PATH) == [f'bytes={kept}-' if kept else None]
+    assert load_model_dir(found).hparams == SMALL and leftovers(tmp_path) == []
 
 
 def test_offline_with_nothing_cached_is_one_line_and_exit_2(tmp_path):
