@@ -334,7 +334,7 @@ def extract_safely(archive, destination, *, what):
                                      f'{member.name!r} is {reason}; nothing was kept')
                 tar.extract(member, destination, **extra)
                 progress.update(member.size)
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+    except (tarfile.TarError, EOFError, OSError, ValueError, KeyError) as exc:
         raise FetchError(f'cannot unpack {archive} (truncated or corrupt?): {exc}; '
                          f'nothing was kept') from None
 

@@ -3,10 +3,12 @@ resolution of every script), against a local HTTP server: no test reaches the in
 
 Run: python3 -m pytest -q tests/test_fetch.py
 """
+import dataclasses
 import hashlib
 import http.server
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -309,7 +311,7 @@ def test_a_mirror_may_be_a_local_folder(release, tmp_path):
     for name, data in vocab.items():
         (mirror / name).write_bytes(data)
     settings = fetch.Settings.from_env({'GPT2JA_MIRROR': str(mirror), 'GPT2JA_HOME': str(tmp_path / 'home')})
-    settings = fetch.dataclasses.replace(settings, vocab_sha256=pins_of(vocab))
+    settings = dataclasses.replace(settings, vocab_sha256=pins_of(vocab))
     # A file: address ignores Range, so a partial download starts again from the beginning.
     (tmp_path / 'home').mkdir()
     (tmp_path / 'home' / f'{NAME}.tar.bz2.part').write_bytes(b'not the archive')
@@ -371,7 +373,7 @@ def test_links_inside_the_archive_are_kept():
 # ---------------------------------------------------------------- two at once, offline, local
 
 WORKER = '''
-import json, sys
+import dataclasses, json, sys
 sys.path.insert(0, sys.argv[1])
 import cli, fetch
 def verify(directory):
@@ -379,7 +381,7 @@ def verify(directory):
     from model_dir import check_loads
     check_loads(directory)
 settings = fetch.Settings.from_env()
-settings = fetch.dataclasses.replace(settings, vocab_sha256=json.loads(sys.argv[2]))
+settings = dataclasses.replace(settings, vocab_sha256=json.loads(sys.argv[2]))
 print(fetch.fetch_model('gpt2ja-small', verify=verify, settings=settings))
 '''
 
@@ -390,7 +392,7 @@ def test_two_processes_fetching_at_once_end_with_one_good_copy(server, release, 
     env = dict(GPT2JA_HOME=str(tmp_path), GPT2JA_MIRROR=server.url, GPT2JA_OFFLINE='',
                PYTHONUNBUFFERED='1')
     command = [sys.executable, '-c', WORKER, str(REPO), json.dumps(pins_of(release[1]))]
-    spawn = lambda: subprocess.Popen(command, env={**__import__('os').environ, **env},
+    spawn = lambda: subprocess.Popen(command, env={**os.environ, **env},
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = spawn()
     for _ in range(600):
@@ -414,7 +416,7 @@ def test_ctrl_c_while_downloading_leaves_a_part_that_the_next_run_resumes(server
     server.stalls[ARCHIVE_PATH] = threading.Event()
     env = dict(GPT2JA_HOME=str(tmp_path), GPT2JA_MIRROR=server.url, GPT2JA_OFFLINE='')
     worker = subprocess.Popen([sys.executable, '-c', WORKER, str(REPO), json.dumps(pins_of(release[1]))],
-                              env={**__import__('os').environ, **env}, stdout=subprocess.PIPE,
+                              env={**os.environ, **env}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     part = tmp_path / f'{NAME}.tar.bz2.part'
     assert server.half_sent.wait(60)
