@@ -304,6 +304,22 @@ def unsafe_member_reason(member):
     return None
 
 
+def _resolves_outside(member, destination):
+    """Why `member` would land outside `destination` through links already unpacked there
+    (a chain of links can leave where each link alone stays inside), or None."""
+    root = os.path.realpath(destination)
+    paths = [member.name]
+    if member.issym():
+        paths.append(os.path.join(os.path.dirname(member.name), member.linkname))
+    elif member.islnk():
+        paths.append(member.linkname)
+    for path in paths:
+        full = os.path.realpath(os.path.join(root, path))
+        if os.path.commonpath([root, full]) != root:
+            return f'a path leading outside through links ({path})'
+    return None
+
+
 def _stays_inside(relative):
     depth = 0
     for part in PurePosixPath(relative).parts:
@@ -328,15 +344,20 @@ def extract_safely(archive, destination, *, what):
                      file=sys.stderr, disable=None, leave=False) as progress:
             # One pass over the stream: a compressed archive is not read twice.
             for member in tar:
-                reason = unsafe_member_reason(member)
+                reason = unsafe_member_reason(member) or _resolves_outside(member, destination)
                 if reason is not None:
                     raise FetchError(f'the archive {archive} is refused: its member '
                                      f'{member.name!r} is {reason}; nothing was kept')
                 tar.extract(member, destination, **extra)
                 progress.update(member.size)
+    except _FILTER_ERRORS as exc:
+        raise FetchError(f'the archive {archive} is refused: {exc}; nothing was kept') from None
     except (tarfile.TarError, EOFError, OSError, ValueError, KeyError) as exc:
         raise FetchError(f'cannot unpack {archive} (truncated or corrupt?): {exc}; '
                          f'nothing was kept') from None
+
+
+_FILTER_ERRORS = getattr(tarfile, 'FilterError', ())  # what the 'data' filter refuses
 
 
 def _clear_leftovers(directory, name):

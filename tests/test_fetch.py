@@ -338,30 +338,48 @@ def test_a_tampered_vocabulary_is_refused_and_nothing_is_left(server, release, t
     assert leftovers(tmp_path) == [] and requested(server, ARCHIVE_PATH) == []
 
 
+def test_a_corrupt_archive_is_refused_and_fetched_anew_next_time(server, release, tmp_path):
+    good = pack(release[0])
+    middle = len(good) // 2
+    serve(server, release, archive=good[:middle] + bytes([good[middle] ^ 0xFF]) + good[middle + 1:])
+    settings = settings_for(server, tmp_path, release[1])
+    with pytest.raises(fetch.FetchError, match='cannot unpack'):
+        fetch.fetch_model(NAME, verify=check_loads, settings=settings)
+    assert not (tmp_path / NAME).exists() and leftovers(tmp_path) == []
+    assert not (tmp_path / f'{NAME}.tar.bz2').exists()
+    server.files[ARCHIVE_PATH] = good
+    assert load_model_dir(fetch.fetch_model(NAME, verify=check_loads, settings=settings)).hparams == SMALL
+
+
 def _member(name, *, kind=tarfile.REGTYPE, link=''):
     info = tarfile.TarInfo(name)
     info.type, info.linkname, info.size = kind, link, 4 if kind == tarfile.REGTYPE else 0
     return info
 
 
+ESCAPED = '/tmp/gpt2ja-test-escaped.txt'
 UNSAFE = {
-    'dot-dot': _member(f'{NAME}/../../escaped.txt'),
-    'absolute': _member('/tmp/gpt2ja-test-escaped.txt'),
-    'symlink-outside': _member(f'{NAME}/escaped', kind=tarfile.SYMTYPE, link='../../..'),
-    'hardlink-outside': _member(f'{NAME}/escaped', kind=tarfile.LNKTYPE, link='../escaped.txt'),
-    'device': _member(f'{NAME}/escaped', kind=tarfile.CHRTYPE),
+    'dot-dot': [_member(f'{NAME}/../../escaped.txt')],
+    'absolute': [_member(ESCAPED)],
+    'symlink-outside': [_member(f'{NAME}/escaped', kind=tarfile.SYMTYPE, link='../../..')],
+    'hardlink-outside': [_member(f'{NAME}/escaped', kind=tarfile.LNKTYPE, link='../escaped.txt')],
+    'device': [_member(f'{NAME}/escaped', kind=tarfile.CHRTYPE)],
+    # Each link alone stays inside; together they lead out: up = the top, out = up/..
+    'symlink-chain': [_member(f'{NAME}/up', kind=tarfile.SYMTYPE, link='..'),
+                      _member(f'{NAME}/out', kind=tarfile.SYMTYPE, link='up/..'),
+                      _member(f'{NAME}/out/escaped.txt')],
 }
 
 
 @pytest.mark.parametrize('how', UNSAFE)
 def test_an_archive_with_members_outside_is_refused(server, release, tmp_path, how):
-    serve(server, release, archive=pack(release[0], extra=[UNSAFE[how]]))
+    serve(server, release, archive=pack(release[0], extra=UNSAFE[how]))
     home = tmp_path / 'home' / 'cache'
     with pytest.raises(fetch.FetchError, match='is refused'):
         fetch.fetch_model(NAME, verify=check_loads, settings=settings_for(server, home, release[1]))
     assert not (home / NAME).exists() and leftovers(home) == []
     assert not (home / f'{NAME}.tar.bz2').exists()  # fetched again next time, not reused
-    assert not list(tmp_path.rglob('escaped*')) and not Path(UNSAFE['absolute'].name).exists()
+    assert not list(tmp_path.rglob('escaped*')) and not Path(ESCAPED).exists()
 
 
 def test_links_inside_the_archive_are_kept():
