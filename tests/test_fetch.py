@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import encoder.vocab
 import fetch
 from conftest import REPO
 from helpers import assert_usage_error, load_script, run_script
@@ -178,6 +179,7 @@ def use_server(server, tmp_path, monkeypatch):
     monkeypatch.setenv('GPT2JA_HOME', str(tmp_path / 'home'))
     monkeypatch.delenv('GPT2JA_OFFLINE', raising=False)
     monkeypatch.delenv('GPT2JA_VOCAB_DIR', raising=False)
+    monkeypatch.setattr(encoder.vocab, 'PACKAGE_DIR', tmp_path / 'encoder')  # nor one dropped there
     monkeypatch.chdir(tmp_path)  # no directory named gpt2ja-small here
     return tmp_path / 'home'
 
