@@ -24,19 +24,18 @@ serving NAME.tar.bz2, ja-bpe.txt and emoji.json. `$GPT2JA_OFFLINE=1` turns fetch
 import contextlib
 import dataclasses
 import hashlib
-import http.client
 import os
 import shutil
 import sys
-import tarfile
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path, PurePosixPath
 from typing import Callable, Mapping, Tuple
 
 from cli import UsageError
+
+# http.client, urllib.request and tarfile are imported where a fetch or an unpacking needs
+# them: every script imports this module, and most runs find their model in place.
 
 try:
     import fcntl
@@ -221,6 +220,7 @@ def unpack_local_archive(archive, *, verify, settings=None):
     The cache entry is named after the archive and its identity (path, size, time), so a
     replaced archive is unpacked again and two archives of the same name do not collide.
     """
+    import tarfile
     settings = settings or Settings.from_env()
     archive = Path(archive).resolve()
     stem = archive_stem(archive)
@@ -336,8 +336,10 @@ def extract_safely(archive, destination, *, what):
     Members are checked here whatever this Python's tarfile offers; where it has the 'data'
     extraction filter (3.11.4+, 3.12+), that filter applies as well.
     """
+    import tarfile
     from tqdm import tqdm
     extra = {'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}
+    filter_errors = getattr(tarfile, 'FilterError', ())  # what the 'data' filter refuses
     try:
         with tarfile.open(archive, 'r:*') as tar, \
                 tqdm(desc=f'unpacking {what}', unit='B', unit_scale=True, unit_divisor=1024,
@@ -350,14 +352,11 @@ def extract_safely(archive, destination, *, what):
                                      f'{member.name!r} is {reason}; nothing was kept')
                 tar.extract(member, destination, **extra)
                 progress.update(member.size)
-    except _FILTER_ERRORS as exc:
+    except filter_errors as exc:
         raise FetchError(f'the archive {archive} is refused: {exc}; nothing was kept') from None
     except (tarfile.TarError, EOFError, OSError, ValueError, KeyError) as exc:
         raise FetchError(f'cannot unpack {archive} (truncated or corrupt?): {exc}; '
                          f'nothing was kept') from None
-
-
-_FILTER_ERRORS = getattr(tarfile, 'FilterError', ())  # what the 'data' filter refuses
 
 
 def _clear_leftovers(directory, name):
@@ -455,6 +454,9 @@ def _download_with_retries(url, part, *, settings, **kwargs):
 
 def _download_once(url, part, *, what, settings, space_factor, announce):
     """One request for `url`, appended to `part` from where it ends (HTTP Range)."""
+    import http.client
+    import urllib.error
+    import urllib.request
     offset = _size(part)
     request = urllib.request.Request(url, headers={'User-Agent': 'gpt2-japanese'})
     if offset:
@@ -494,6 +496,7 @@ def _download_once(url, part, *, what, settings, space_factor, announce):
 
 
 def _copy_to_part(response, part, *, offset, total, what):
+    import http.client
     from tqdm import tqdm
     written = offset
     # read1: what has arrived (up to a chunk), so that an interruption keeps all of it.
