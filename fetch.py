@@ -42,6 +42,7 @@ try:
 except ImportError:  # Windows: fetching works, but two processes must not fetch at once
     fcntl = None
 
+# The names of model.RELEASED, written here because this module runs without TensorFlow.
 RELEASED_MODELS = ('gpt2ja-small', 'gpt2ja-medium')
 # The original project's addresses: the primary, then the spare.
 MODEL_URLS = ('https://www.nama.ne.jp/models/{name}.tar.bz2',

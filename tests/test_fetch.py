@@ -536,3 +536,8 @@ def test_the_fetch_command_fills_a_cache_that_works_offline(server, release, use
 def test_the_fetch_command_has_help():
     result = run_script('gpt2-fetch.py', '--help')
     assert result.returncode == 0 and 'GPT2JA_MIRROR' in result.stdout and '--dest' in result.stdout
+
+
+def test_the_fetchable_names_are_the_released_models():
+    import model
+    assert set(fetch.RELEASED_MODELS) == set(model.RELEASED)
