@@ -38,13 +38,19 @@ def add_common_flags(parser, *, gpu=True):
                                  '$CUDA_VISIBLE_DEVICES allows), else the CPU')
 
 
-def add_model_flags(parser):
-    """--model and --vocab, for every script that runs a model directory (model_dir.py)."""
-    parser.add_argument('--model', default='gpt2ja-medium',
-                        help='model directory (checkpoint, hparams.json, usually the vocabulary)')
+def add_model_flags(parser, *, flag='--model', default='gpt2ja-medium'):
+    """The model flag (`--model`, or `--base_model` for fine-tuning) and --vocab, for every
+    script that runs a model; model_dir.load_model_dir resolves what they name."""
+    parser.add_argument(flag, metavar='MODEL', default=default,
+                        help='a model directory (checkpoint, hparams.json, usually the '
+                             'vocabulary); or a released model, gpt2ja-small or gpt2ja-medium, '
+                             'fetched into $GPT2JA_HOME (~/.cache/gpt2ja) on first use when no '
+                             'directory of that name is here; or a model archive (.tar.bz2), '
+                             'unpacked there once')
     parser.add_argument('--vocab', metavar='DIR', default=None,
                         help='directory with ja-bpe.txt and emoji.json; when not given: the model '
-                             'directory, then $GPT2JA_VOCAB_DIR, then encoder/')
+                             'directory, $GPT2JA_VOCAB_DIR, encoder/, then $GPT2JA_HOME/vocab '
+                             '(fetched when absent)')
 
 
 def prepare_tensorflow(*, verbose=False, gpu=None):

@@ -6,6 +6,7 @@ the directory fully before any work starts and reports each problem as one line
   - TF1 Saver files `NAME.index` + `NAME.data-*-of-*` and usually a `checkpoint` file;
   - usually `hparams.json` ({"n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"});
   - usually the vocabulary (`ja-bpe.txt`, `emoji.json`), else found as encoder/vocab.py says.
+A released model's name or a model archive stands for its directory in the cache (fetch.py).
 
 `save_checkpoint` writes the same layout (used by fine-tuning and by the tests' tiny models),
 crash-safely: a checkpoint appears complete or not at all.
@@ -22,6 +23,7 @@ import tensorflow as tf
 
 from cli import UsageError
 from encoder.vocab import EMOJI_FILE, VOCAB_FILE, find_vocab_dir, read_vocab
+from fetch import RELEASED_MODELS, locate_model
 from model import SCOPE, HParams, parameter_shapes
 from files import atomic_output, write_text_atomic
 
@@ -61,15 +63,19 @@ class ModelDir:
 def load_model_dir(path, *, vocab_dir=None, need_vocab=True, n_head=None):
     """Find and check everything needed to run the model in `path`.
 
+    path: a model directory, or what `fetch.locate_model` resolves to one: a released
+    model's name (fetched into the cache on first use) or a model archive.
     vocab_dir: an explicit vocabulary directory (`--vocab`); else searched for.
     n_head: used only when there is no hparams.json (it cannot be read off the shapes).
     """
-    path = Path(path)
+    path = locate_model(path, verify=check_loads)
     if not path.exists():
-        raise ModelDirError(f'model directory {path} does not exist; pass --model DIR with a '
-                            f'checkpoint directory such as model/gpt2ja-small')
+        raise ModelDirError(f'model directory {path} does not exist; pass --model with a model '
+                            f'directory, a released model ({", ".join(RELEASED_MODELS)}: '
+                            f'fetched on first use) or a model archive (.tar.bz2)')
     if not path.is_dir():
-        raise ModelDirError(f'{path} is not a directory; --model takes the checkpoint directory')
+        raise ModelDirError(f'{path} is not a directory; --model takes a model directory, a '
+                            f'released model name or a model archive')
     if not os.access(path, os.R_OK | os.X_OK):
         raise ModelDirError(f'cannot read the model directory {path}: permission denied; '
                             f'ask its owner for read access (chmod a+rx) or copy it')
@@ -87,6 +93,12 @@ def load_model_dir(path, *, vocab_dir=None, need_vocab=True, n_head=None):
                 f'{prefix} expects {hparams.n_vocab} (rows of {SCOPE}/wte); use the vocabulary '
                 f'the model was trained with')
     return ModelDir(path=path, checkpoint=prefix, hparams=hparams, vocab_dir=found_vocab)
+
+
+def check_loads(directory):
+    """Raise ModelDirError unless `directory` loads, weights included (how fetched models are
+    checked before they are moved into place)."""
+    load_model_dir(directory).load_parameters()
 
 
 def find_checkpoint(directory):

@@ -1,6 +1,6 @@
 """Fine-tune a gpt2ja model on a tokenised dataset (the .npz of `python -m encoder`).
 
-    python run_finetune.py --dataset corpus.npz --base_model model/gpt2ja-small \
+    python run_finetune.py --dataset corpus.npz --base_model gpt2ja-small \
         --run_name mine --max_steps 10000
 
 Checkpoints go to checkpoint/RUN_NAME/, a model directory that gpt2-score, gpt2-transform
@@ -24,11 +24,7 @@ def build_parser():
     data.add_argument('--val_every', metavar='N', type=int, default=1000,
                       help='report validation loss and perplexity every N steps')
     model = parser.add_argument_group('model')
-    model.add_argument('--base_model', default='model/gpt2ja-small',
-                       help='model directory to start from')
-    model.add_argument('--vocab', metavar='DIR',
-                       help='directory with ja-bpe.txt and emoji.json; when not given: the base '
-                            'model directory, then $GPT2JA_VOCAB_DIR, then encoder/')
+    cli.add_model_flags(model, flag='--base_model', default='gpt2ja-small')
     optim = parser.add_argument_group('optimisation')
     optim.add_argument('--batch_size', metavar='SIZE', type=int, default=1,
                        help='sequences per step (the global batch, split across replicas)')

@@ -1,6 +1,6 @@
 """Encode a folder of .txt files into an .npz of token ids (or decode one back).
 
-    python -m encoder --src_dir corpus/ --dst_file corpus.npz [--num_process 2]
+    python -m encoder --src_dir corpus/ --dst_file corpus.npz [--num_process 2] [--model gpt2ja-small]
     python -m encoder --decode corpus.npz | less
 
 See encoder/corpus.py for the chunking and the file format.
@@ -11,7 +11,7 @@ import sys
 from cli import ArgumentParser, UsageError, run_main
 from encoder.bpe import get_encoder
 from encoder.corpus import decode_npz, encode_folder, npz_path, summary_line, timed
-from encoder.vocab import find_vocab_dir
+from encoder.vocab import find_model_vocab_dir, find_vocab_dir
 
 
 def parse_args(argv):
@@ -39,9 +39,15 @@ def parse_args(argv):
                          'anything, or skip it with a warning')
     parser.add_argument('--decode', metavar='FILE.npz',
                         help='instead, print the text of the arrays of FILE.npz, in order')
-    parser.add_argument('--vocab', metavar='DIR',
-                        help='folder holding ja-bpe.txt and emoji.json; if not given, '
-                         '$GPT2JA_VOCAB_DIR, then the encoder/ folder')
+    vocab = parser.add_argument_group(
+        'vocabulary', 'Neither given: $GPT2JA_VOCAB_DIR, the encoder/ folder, then the fetched '
+                      'copy in $GPT2JA_HOME/vocab (fetched on first use unless $GPT2JA_OFFLINE)')
+    source = vocab.add_mutually_exclusive_group()
+    source.add_argument('--vocab', metavar='DIR', help='folder holding ja-bpe.txt and emoji.json')
+    source.add_argument('--model', metavar='MODEL',
+                        help='use the vocabulary of this model: a model directory, or a released '
+                             'name (gpt2ja-small, gpt2ja-medium), whose vocabulary is fetched '
+                             'without the model')
     parser.add_argument('--quiet', action='store_true', help='no progress bar or summary')
     args = parser.parse_args(argv)
     if args.decode is None and not (args.src_dir and args.dst_file):
@@ -55,7 +61,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    vocab_dir = find_vocab_dir(args.vocab)
+    vocab_dir = find_model_vocab_dir(args.model) if args.model else find_vocab_dir(args.vocab)
     if args.decode is not None:
         decode_npz(args.decode, get_encoder(vocab_dir), sys.stdout)
         return 0

@@ -5,12 +5,15 @@ Where it is looked for, in order (first hit wins):
   1. the directory given explicitly (`--vocab DIR`),
   2. the model directory,
   3. `$GPT2JA_VOCAB_DIR`,
-  4. this `encoder/` folder (git-ignored, where a user may drop the files).
+  4. this `encoder/` folder (git-ignored, where a user may drop the files),
+  5. the fetched copy, `$GPT2JA_HOME/vocab`: fetched there (fetch.py, checked against the
+     released files' SHA-256) when none of the above has it, unless $GPT2JA_OFFLINE is set.
 """
 import json
 import os
 from pathlib import Path
 
+import fetch
 from cli import UsageError
 
 VOCAB_FILE = 'ja-bpe.txt'
@@ -38,19 +41,45 @@ def vocab_search_path(vocab_dir=None, model_dir=None):
     if os.environ.get(VOCAB_ENV):
         candidates.append(('$' + VOCAB_ENV, Path(os.environ[VOCAB_ENV])))
     candidates.append(('encoder/', PACKAGE_DIR))
+    settings = fetch.Settings.from_env()
+    candidates.append(('$GPT2JA_HOME/vocab', settings.home / fetch.VOCAB_SUBDIR))
     return candidates
 
 
 def find_vocab_dir(vocab_dir=None, model_dir=None):
-    """The directory holding both vocabulary files; VocabularyError if none does."""
+    """The directory holding both vocabulary files, fetched into the cache when no directory
+    searched has them (unless --vocab was given or fetching is off); VocabularyError if none."""
     candidates = vocab_search_path(vocab_dir, model_dir)
     for _, directory in candidates:
         if _has_vocab(directory):
             return directory
     looked = ', '.join(f'{label} ({path})' for label, path in candidates)
+    settings = fetch.Settings.from_env()
+    if vocab_dir is None and not settings.offline:
+        try:
+            return fetch.fetch_vocab(settings)
+        except fetch.FetchError as exc:
+            raise VocabularyError(f'vocabulary not found in {looked}, and fetching it failed: '
+                                  f'{exc}') from None
+    offline = f' (${fetch.OFFLINE_ENV} is set)' if vocab_dir is None else ''
     raise VocabularyError(
         f'vocabulary not found: {VOCAB_FILE} and {EMOJI_FILE} must both be in one of: {looked}; '
-        f'pass --vocab DIR or set ${VOCAB_ENV}')
+        f'pass --vocab DIR, set ${VOCAB_ENV}, or fetch it with `{fetch.FETCH_COMMAND} vocab`'
+        f'{offline}')
+
+
+def find_model_vocab_dir(model):
+    """The vocabulary of `--model` for tools that need only the vocabulary: a model
+    directory's own (else searched for as above); for a released name with no such
+    directory, the released vocabulary, without fetching the model itself."""
+    path = Path(model)
+    if path.is_dir():
+        return find_vocab_dir(model_dir=path)
+    if fetch.is_released(model):
+        # Every released model has the same vocabulary; a cached copy of the model holds it.
+        return find_vocab_dir(model_dir=fetch.cached_model_path(str(model)))
+    raise VocabularyError(f'--model {model} is neither a model directory nor a released model '
+                          f'({", ".join(fetch.RELEASED_MODELS)}); pass --model DIR or --vocab DIR')
 
 
 def read_vocab(vocab_dir):

@@ -114,6 +114,18 @@ def tiny_dataset(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope='session', autouse=True)
+def no_network(tmp_path_factory):
+    """No test fetches from the internet or touches the user's model cache: fetching is off
+    and $GPT2JA_HOME is an empty folder (tests/test_fetch.py turns it on, against a local
+    server)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv('GPT2JA_OFFLINE', '1')
+        patch.setenv('GPT2JA_HOME', str(tmp_path_factory.mktemp('gpt2ja-home')))
+        patch.delenv('GPT2JA_MIRROR', raising=False)
+        yield
+
+
 @pytest.fixture
 def no_vocab_env(monkeypatch):
     """No $GPT2JA_VOCAB_DIR, so vocabulary lookup depends on the test alone."""
