@@ -156,30 +156,30 @@ class Trainer:
 
     # -- across replicas ---------------------------------------------------------------
     def _apply(self, strategy, grads, learning_rate, finite):
-        """Update every copy of every variable, unless `finite` is false. Everything a
-        device's update reads goes in through `args`, which tf.distribute resolves to that
-        device's copy."""
+        """Update every copy of every variable, unless `finite` is false; count the step
+        either way. Everything a device's update reads goes in through `args`, which
+        tf.distribute resolves to that device's copy. One tf.cond holds the whole update:
+        one per variable made the step's graph twice the size, and tracing and optimising
+        it most of the first step's time."""
         extended = strategy.extended
-        scalar_names = list(self.scalars)
 
-        def apply_one(variable, grad, finite, learning_rate, *state):
-            scalars = dict(zip(scalar_names, (tf.convert_to_tensor(v) for v in state[:len(scalar_names)])))
-            slots = state[len(scalar_names):]
-            return tf.cond(finite, lambda: _as_op(self.optimizer.apply(
-                variable, grad, slots, scalars, learning_rate)), tf.no_op)
+        def apply_one(variable, grad, learning_rate, *state):
+            scalars = dict(zip(self.scalars, (tf.convert_to_tensor(v) for v in state[:len(self.scalars)])))
+            return self.optimizer.apply(variable, grad, state[len(self.scalars):], scalars, learning_rate)
 
-        updates = []
-        for variable, grad, slots in zip(self.params, grads, self.slots):
-            updates.append(extended.update(
-                variable, apply_one, group=False,
-                args=(grad, finite, learning_rate, *self.scalars.values(), *slots)))
-        # The beta powers advance only after every variable has read them.
-        with tf.control_dependencies(tf.nest.flatten(updates)):
-            for name, factor in self.optimizer.scalar_factors.items():
-                extended.update(self.scalars[name],
-                                lambda v, finite, factor=factor: v.assign(tf.where(finite, v * factor, v)),
-                                args=(finite,))
-            extended.update(self.variables[STEP_VARIABLE], lambda v: v.assign_add(1))
+        def update_all():
+            updates = [extended.update(variable, apply_one, group=False,
+                                       args=(grad, learning_rate, *self.scalars.values(), *slots))
+                       for variable, grad, slots in zip(self.params, grads, self.slots)]
+            # The beta powers advance only after every variable has read them.
+            with tf.control_dependencies(tf.nest.flatten(updates)):
+                powers = [extended.update(self.scalars[name], lambda v, factor=factor: v.assign(v * factor))
+                          for name, factor in self.optimizer.scalar_factors.items()]
+            return _as_op(tf.nest.flatten(updates) + tf.nest.flatten(powers))
+
+        # Every replica holds the same (all-reduced) verdict; the first one's decides.
+        tf.cond(strategy.experimental_local_results(finite)[0], update_all, tf.no_op)
+        extended.update(self.variables[STEP_VARIABLE], lambda v: v.assign_add(1))
 
     def _distributed_step(self, tokens, weights, total_weight, learning_rate, loss_scale):
         loss, finite = self.strategy.run(self._replica_step, args=(
@@ -220,7 +220,7 @@ class Trainer:
         return float(self._evaluate(self._split(tokens, 0), self._split(weights, 0)).numpy())
 
 
-def _as_op(result):
+def _as_op(results):
     """tf.cond wants both branches to return the same structure: nothing."""
-    with tf.control_dependencies([result]):
+    with tf.control_dependencies(results):
         return tf.no_op()
