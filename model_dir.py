@@ -242,8 +242,14 @@ def read_parameters(prefix, hparams):
 
 
 def parameter_loaders(prefix, hparams):
-    """See ModelDir.parameter_loaders. RestoreV2 reads a tensor straight into TensorFlow's
-    memory (no numpy copy on the way)."""
+    """See ModelDir.parameter_loaders."""
+    loaders = tensor_loaders(prefix, parameter_shapes(hparams))
+    return {name: (lambda load=load: tf.cast(load(), tf.float32)) for name, load in loaders.items()}
+
+
+def tensor_loaders(prefix, names):
+    """Name -> zero-argument function reading that tensor of the checkpoint as it is stored.
+    RestoreV2 reads a tensor straight into TensorFlow's memory (no numpy copy on the way)."""
     try:
         dtypes = tf.train.load_checkpoint(prefix).get_variable_to_dtype_map()
     except (tf.errors.OpError, ValueError, IndexError, OSError) as exc:
@@ -257,8 +263,8 @@ def parameter_loaders(prefix, hparams):
         except (tf.errors.OpError, ValueError) as exc:
             raise ModelDirError(f'checkpoint {prefix} is unreadable (truncated or corrupt?): '
                                 f'{_first_line(exc)}') from None
-        return tf.cast(tensor, tf.float32)
-    return {name: (lambda name=name: load(name)) for name in parameter_shapes(hparams)}
+        return tensor
+    return {name: (lambda name=name: load(name)) for name in names}
 
 
 def read_tensors(prefix, names):

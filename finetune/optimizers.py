@@ -8,12 +8,15 @@ updates one variable and its slots in place with TF's fused training kernels (th
 TF1's optimizers run: one pass over memory, no temporaries), so the trainer can run it on
 each device's copy of a variable (tf.distribute's `extended.update`).
 """
-import numpy as np
 import tensorflow as tf
 
 
 def _filled(shape, value):
-    return lambda: np.full(shape, value, np.float32)
+    """A function making a float32 tensor of `shape` holding `value`, built by TensorFlow in
+    its own memory (a numpy array would be filled, then copied)."""
+    if value == 0:
+        return lambda: tf.zeros(shape, tf.float32)
+    return lambda: tf.fill(shape, tf.constant(value, tf.float32))
 
 
 class SGD:
@@ -22,7 +25,7 @@ class SGD:
     slot_suffixes = ()
 
     def initial_state(self, shapes):
-        """Checkpoint name -> function making the initial numpy value of every slot and
+        """Checkpoint name -> function making the initial value (a tensor) of every slot and
         shared scalar (functions, so that no slot is in memory before its variable)."""
         return {}
 

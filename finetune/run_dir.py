@@ -19,12 +19,12 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 
 import model
 from cli import UsageError
-from model_dir import (TEMP_PREFIX, CheckpointWriteError, ModelDirError, checkpoint_shapes, copy_vocab, resolve_hparams,
-                       save_checkpoint, write_checkpoint_state, write_hparams)
+from model_dir import (TEMP_PREFIX, CheckpointWriteError, ModelDirError, checkpoint_shapes, copy_vocab,
+                       parameter_loaders, resolve_hparams, save_checkpoint, tensor_loaders,
+                       write_checkpoint_state, write_hparams)
 from files import write_text_atomic
 
 RUN_FILE = 'finetune.json'
@@ -160,23 +160,22 @@ def start_run_dir(run_dir, base, optimizer_name):
 
 def initial_values(base, resume, optimizer):
     """Checkpoint name -> function reading the initial value: network weights from the resumed
-    checkpoint or the base model; optimizer state and step from the resumed checkpoint or new."""
+    checkpoint or the base model; optimizer state and step from the resumed checkpoint or new.
+    Read straight into TensorFlow's memory (model_dir.tensor_loaders), one tensor at a time."""
     import tensorflow as tf
     shapes = model.parameter_shapes(base.hparams)
-    reader = tf.train.load_checkpoint(resume or base.checkpoint)
-    values = {name: (lambda name=name: reader.get_tensor(name).astype(np.float32, copy=False)) for name in shapes}
+    values = parameter_loaders(resume or base.checkpoint, base.hparams)
     fresh = optimizer.initial_state(shapes)
     if resume is None:
         values.update(fresh)
-        values[STEP_VARIABLE] = lambda: np.int64(0)
+        values[STEP_VARIABLE] = lambda: tf.constant(0, tf.int64)
         return values
-    saved = reader.get_variable_to_shape_map()
+    saved = tf.train.load_checkpoint(resume).get_variable_to_shape_map()
     missing = [name for name in [*fresh, STEP_VARIABLE] if name not in saved]
     if missing:
         raise ModelDirError(f'checkpoint {resume} lacks the optimizer state {missing[0]}; it was not '
                             f'written by this run_finetune.py with --optim {optimizer.name}')
-    for name in [*fresh, STEP_VARIABLE]:
-        values[name] = lambda name=name: reader.get_tensor(name)
+    values.update(tensor_loaders(resume, [*fresh, STEP_VARIABLE]))
     return values
 
 
