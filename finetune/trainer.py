@@ -81,7 +81,9 @@ class Trainer:
                 for name, variable in self.variables.items()}
 
     def parameter_values(self):
-        return {name: self.tensors()[name] for name in self.param_names}
+        """Parameter name -> this worker's copy of its variable (the float32 master weights)."""
+        tensors = self.tensors()
+        return {name: tensors[name] for name in self.param_names}
 
     # -- inside one replica ------------------------------------------------------------
     def _micro_batch_loss(self, values, tokens, weights):
