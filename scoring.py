@@ -102,11 +102,16 @@ def plan_batches(lengths, *, batch_size, n_ctx, max_tokens=MAX_BATCH_TOKENS):
 
 
 class ModelRunner:
-    """The model's parameters and the traced functions that run it over padded batches."""
+    """The model's parameters and the traced functions that run it over padded batches.
 
-    def __init__(self, params, hparams):
+    precision: 'float32', or 'bfloat16' / 'float16' (see precision.py): the parameters are
+    held in that format and the network computes in it; log-probabilities and vectors come
+    out float32 either way."""
+
+    def __init__(self, params, hparams, *, precision='float32'):
         self.hparams = hparams
-        self._params = {name: tf.constant(value) for name, value in params.items()}
+        self.compute_dtype = tf.as_dtype(precision)
+        self._params = {name: tf.cast(tf.constant(value), self.compute_dtype) for name, value in params.items()}
         tokens = tf.TensorSpec([None, None], tf.int32)
         # One input signature each: any batch and length runs through the same graph.
         self._logprobs_fn = tf.function(self._target_logprobs, input_signature=[tokens, tokens])
@@ -116,6 +121,7 @@ class ModelRunner:
     def _target_logprobs(self, inputs, targets):
         """inputs, targets [batch, time] -> log P(targets[b, t] | inputs[b, :t+1]) [batch, time]."""
         logits = forward(self._params, inputs, hparams=self.hparams)['logits']  # [batch, time, vocab]
+        logits = tf.cast(logits, tf.float32)
         picked = tf.gather(logits, targets, batch_dims=2)  # [batch, time]
         return picked - tf.reduce_logsumexp(logits, axis=-1)
 
@@ -123,6 +129,7 @@ class ModelRunner:
         """tokens [batch, time], lengths [batch] -> (last, mean), each [batch, n_embd]: the final
         layer-normalised hidden state at each row's last real token, and its mean over them."""
         hidden = forward(self._params, tokens, hparams=self.hparams)['hidden']  # [batch, time, embd]
+        hidden = tf.cast(hidden, tf.float32)
         last = tf.gather(hidden, lengths - 1, batch_dims=1)
         mask = tf.sequence_mask(lengths, tf.shape(tokens)[1], dtype=hidden.dtype)[:, :, None]
         mean = tf.reduce_sum(hidden * mask, axis=1) / tf.cast(lengths, hidden.dtype)[:, None]
