@@ -123,9 +123,13 @@ def gelu(x):
 
 
 def layer_norm(x, g, b):
-    """Normalise the last axis to mean 0 and variance 1, then scale by g and shift by b."""
-    mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
-    return (x - mean) * tf.math.rsqrt(variance + LAYER_NORM_EPSILON) * g + b
+    """Normalise the last axis to mean 0 and variance 1, then scale by g and shift by b.
+    The statistics and the normalisation are float32 whatever x's format (bfloat16's 8
+    significant bits are too few for a variance over n_embd terms); the result is in g's
+    format, the one the network computes in."""
+    x32 = tf.cast(x, tf.float32)
+    mean, variance = tf.nn.moments(x32, axes=[-1], keepdims=True)
+    return tf.cast((x32 - mean) * tf.math.rsqrt(variance + LAYER_NORM_EPSILON), g.dtype) * g + b
 
 
 def conv1d(x, w, b):
@@ -148,6 +152,14 @@ def merge_heads(x):
     return tf.reshape(x, [batch, seq, x.shape[-2] * x.shape[-1]])
 
 
+def embed(params, tokens, positions):
+    """Token plus position embeddings [..., n_embd] of int tokens and positions (same shape).
+    float32 whatever the weights' format: the residual stream that the blocks add to stays
+    float32, so that small updates to it are not rounded away."""
+    return tf.cast(tf.gather(params[f'{SCOPE}/wte'], tokens) + tf.gather(params[f'{SCOPE}/wpe'], positions),
+                   tf.float32)
+
+
 def causal_mask(query_length, key_length):
     """[query, key] booleans: query i (the last `query_length` of `key_length` positions) sees
     keys up to and including its own position."""
@@ -156,12 +168,18 @@ def causal_mask(query_length, key_length):
     return i >= j - key_length + query_length
 
 
+def masked_softmax(scores, mask):
+    """Softmax over the last axis where `mask` is True (zero elsewhere), computed in float32
+    whatever the scores' format; returns float32 probabilities."""
+    scores = tf.cast(scores, tf.float32)
+    return tf.nn.softmax(tf.where(mask, scores, tf.float32.min), axis=-1)
+
+
 def attend(q, k, v, mask):
     """Scaled dot-product attention. q [b, h, t, d]; k, v [b, h, s, d]; mask broadcasts to
-    [b, h, t, s] (True = may attend). Returns [b, h, t, d]."""
+    [b, h, t, s] (True = may attend). Returns [b, h, t, d], in v's format."""
     scores = tf.matmul(q, k, transpose_b=True) * tf.math.rsqrt(tf.cast(q.shape[-1], q.dtype))
-    scores = tf.where(mask, scores, tf.cast(scores.dtype.min, scores.dtype))
-    return tf.matmul(tf.nn.softmax(scores, axis=-1), v)
+    return tf.matmul(tf.cast(masked_softmax(scores, mask), v.dtype), v)
 
 
 def attention_heads(params, prefix, x, *, hparams):
@@ -206,9 +224,9 @@ def residual_block(params, prefix, x, attend_fn):
     """A pre-norm block around any attention: `attend_fn(normalised x)` -> (output, extra).
     Returns (x, extra); forward() and forward_cached() differ only in their attention."""
     a, extra = attend_fn(layer_norm(x, params[f'{prefix}/ln_1/g'], params[f'{prefix}/ln_1/b']))
-    x = x + a
-    x = x + mlp(params, f'{prefix}/mlp', layer_norm(x, params[f'{prefix}/ln_2/g'], params[f'{prefix}/ln_2/b']))
-    return x, extra
+    x = x + tf.cast(a, x.dtype)
+    h = mlp(params, f'{prefix}/mlp', layer_norm(x, params[f'{prefix}/ln_2/g'], params[f'{prefix}/ln_2/b']))
+    return x + tf.cast(h, x.dtype), extra
 
 
 def unembed(params, hidden, *, hparams, wte_transposed=None):
@@ -241,7 +259,7 @@ def forward(params, tokens, *, hparams, past=None):
     """
     past_length = 0 if past is None else tf.shape(past)[-2]
     positions = past_length + tf.range(tf.shape(tokens)[1])
-    x = tf.gather(params[f'{SCOPE}/wte'], tokens) + tf.gather(params[f'{SCOPE}/wpe'], positions)
+    x = embed(params, tokens, positions)
     pasts = tf.unstack(past, axis=1) if past is not None else [None] * hparams.n_layer
     presents = []
     for layer, layer_past in enumerate(pasts):
@@ -281,21 +299,22 @@ def training_attend(q, k, v, mask):
     two [seq, seq] products a layer, a few percent of a step. mask: [t, s] booleans."""
     scale = tf.math.rsqrt(tf.cast(q.shape[-1], q.dtype))
 
-    def probabilities(q, k):  # [b, h, t, s]; scaling q, not the larger scores
-        scores = tf.matmul(q * scale, k, transpose_b=True)
-        return tf.nn.softmax(tf.where(mask, scores, tf.cast(scores.dtype.min, scores.dtype)), axis=-1)
+    def probabilities(q, k):  # float32 [b, h, t, s]; scaling q, not the larger scores
+        return masked_softmax(tf.matmul(q * scale, k, transpose_b=True), mask)
 
     @tf.custom_gradient
     def core(q, k, v):
-        out = tf.matmul(probabilities(q, k), v)
+        out = tf.matmul(tf.cast(probabilities(q, k), v.dtype), v)
 
         def grad(dout):
             with tf.control_dependencies([dout]):  # recompute in the backward pass, not before
                 probs = probabilities(tf.identity(q), tf.identity(k))
-            dv = tf.matmul(probs, dout, transpose_a=True)
-            # softmax backward: p * (dp - sum(p * dp)), where sum(p * dp) = sum(dout * out).
-            dscores = probs * (tf.matmul(dout, v, transpose_b=True) -
-                               tf.reduce_sum(dout * out, axis=-1, keepdims=True))
+            dv = tf.matmul(tf.cast(probs, v.dtype), dout, transpose_a=True)
+            # softmax backward, in float32: p * (dp - sum(p * dp)), where
+            # sum(p * dp) = sum(dout * out).
+            dprobs = tf.cast(tf.matmul(dout, v, transpose_b=True), tf.float32)
+            row_sums = tf.reduce_sum(tf.cast(dout, tf.float32) * tf.cast(out, tf.float32), axis=-1, keepdims=True)
+            dscores = tf.cast(probs * (dprobs - row_sums), q.dtype)
             dq = tf.matmul(dscores, k) * scale
             dk = tf.matmul(dscores, q * scale, transpose_a=True)
             return dq, dk, dv
@@ -311,9 +330,9 @@ def training_block(params, prefix, x, *, hparams):
     h = layer_norm(x, params[f'{prefix}/ln_1/g'], params[f'{prefix}/ln_1/b'])
     q, k, v = attention_heads(params, f'{prefix}/attn', h, hparams=hparams)
     mask = causal_mask(tf.shape(q)[2], tf.shape(k)[2])
-    x = x + attention_output(params, f'{prefix}/attn', q, k, v, mask, attend_fn=training_attend)
+    x = x + tf.cast(attention_output(params, f'{prefix}/attn', q, k, v, mask, attend_fn=training_attend), x.dtype)
     h = layer_norm(x, params[f'{prefix}/ln_2/g'], params[f'{prefix}/ln_2/b'])
-    return x + mlp(params, f'{prefix}/mlp', h, activation=training_gelu)
+    return x + tf.cast(mlp(params, f'{prefix}/mlp', h, activation=training_gelu), x.dtype)
 
 
 def recomputed(fn):
@@ -339,7 +358,7 @@ def training_hidden(params, tokens, *, hparams, recompute=False):
     kept: about a third more compute for a fraction of the memory. `params` may hold
     variables or (cast) tensors."""
     positions = tf.range(tf.shape(tokens)[1])
-    x = tf.gather(params[f'{SCOPE}/wte'], tokens) + tf.gather(params[f'{SCOPE}/wpe'], positions)
+    x = embed(params, tokens, positions)
     for layer in range(hparams.n_layer):
         prefix = f'{SCOPE}/h{layer}'
         names = [name for name in parameter_shapes(hparams) if name.startswith(prefix + '/')]
