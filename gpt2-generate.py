@@ -49,28 +49,19 @@ def build_parser():
                              'jsonl: one JSON object a sample (context, text, tokens, stop_reason)')
     output.add_argument('--batch_size', type=int, default=8,
                         help='how many samples are generated together (memory grows with it)')
-    output.add_argument('--xla', nargs='?', choices=('off', 'dense', 'full', 'auto'), const='full',
-                        default='auto',
-                        help='how the per-token step is compiled: off (plain TensorFlow); dense '
-                             '(XLA for the parts that do not depend on the text length, compiled '
-                             'once); full (the whole step with XLA, compiled again as the text '
-                             'grows: 64, 128, ... slots); auto (default): dense when samples are '
-                             'generated one at a time, else off. --xla alone means full. '
-                             'Figures: report/generate.md')
+    output.add_argument('--xla', action=cli.argparse.BooleanOptionalAction, default=False,
+                        help='compile the model with XLA: a token of a single sample comes faster, '
+                             'after a compile pause at start-up. Figures: report/generate.md')
     cli.add_common_flags(parser)
     return parser
 
 
 def check_args(args):
-    """Reject what can be rejected before the model loads (one line each)."""
-    for name, low in (('num_generate', 1), ('max_length', 1), ('batch_size', 1),
-                      ('min_length', 0), ('top_k', 0)):
-        if getattr(args, name) < low:
-            raise cli.UsageError(f'--{name} must be at least {low}, not {getattr(args, name)}')
-    if not 0 <= args.top_p <= 1:
-        raise cli.UsageError(f'--top_p must be between 0 (off) and 1, not {args.top_p}')
-    if not args.temperature > 0:
-        raise cli.UsageError(f'--temperature must be greater than 0, not {args.temperature}')
+    """Reject what can be rejected before TensorFlow loads (one line each). The sampling
+    settings are checked where they are made (sample.Settings)."""
+    for name in ('num_generate', 'max_length', 'batch_size'):
+        if getattr(args, name) < 1:
+            raise cli.UsageError(f'--{name} must be at least 1, not {getattr(args, name)}')
     if args.output_file:
         target = Path(args.output_file)
         if target.is_dir() or not target.parent.is_dir():
@@ -81,16 +72,17 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
     cli.prepare_tensorflow(verbose=args.verbose, gpu=args.gpu)
-    from tqdm import tqdm
-
     import sample
     from model_dir import load_model_dir
 
-    loaded = load_model_dir(args.model, vocab_dir=args.vocab)
-    settings = sample.Settings(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
-                               min_length=args.min_length)
     try:
-        settings.check(loaded.hparams)
+        settings = sample.Settings(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+                                   min_length=args.min_length)
+    except ValueError as exc:
+        raise cli.UsageError(f'--{exc}') from None
+    loaded = load_model_dir(args.model, vocab_dir=args.vocab)
+    try:
+        settings.check_window(loaded.hparams)
     except ValueError as exc:
         raise cli.UsageError(f'--{exc}') from None
     encoder = loaded.load_encoder()
@@ -103,13 +95,17 @@ def main(argv=None):
     streaming = (args.num_generate == 1 and args.format == 'text' and not args.output_file
                  and sys.stdout.isatty())
     shown = StreamedText() if streaming else None
-    with tqdm(total=args.num_generate, desc='samples', unit='sample', file=sys.stderr,
-              disable=args.num_generate < 2, leave=False) as progress:
+    # Progress in characters on a terminal's stderr, unless the text itself streams there.
+    with CharacterProgress(args.num_generate, args.max_length,
+                           show=sys.stderr.isatty() and not streaming) as progress:
+        on_text = progress.update if progress.shown else None
+        if streaming:
+            on_text = shown.update
         samples = sample.generate_texts(
-            loaded.load_parameters(), loaded.hparams, encoder, kept,
+            loaded.parameter_loaders(), loaded.hparams, encoder, kept,
             num_samples=args.num_generate, max_length=args.max_length, settings=settings,
             batch_size=args.batch_size, seed=args.seed, xla=args.xla,
-            on_text=shown.update if streaming else None, on_done=lambda _: progress.update())
+            on_text=on_text, on_done=progress.finish_sample)
     if streaming:
         shown.finish()
         return 0
@@ -131,6 +127,37 @@ def format_samples(samples, form, *, context):
                                    'stop_reason': s.stop_reason}, ensure_ascii=False) + '\n'
                        for s in samples)
     return f'{SEPARATOR}\n'.join(s.text + '\n' for s in samples)
+
+
+class CharacterProgress:
+    """A tqdm bar on stderr counting the characters generated against num_samples x
+    max_length; a sample that ends early counts as complete. Costs one call a token."""
+
+    def __init__(self, num_samples, max_length, *, show):
+        from tqdm import tqdm
+        self.shown = show
+        self.bar = tqdm(total=num_samples * max_length, unit='char', file=sys.stderr, disable=not show,
+                        leave=False, dynamic_ncols=True, mininterval=0.25)
+        self.max_length = max_length
+        self.counted = {}  # sample index -> characters counted so far
+
+    def update(self, index, text):
+        self._count_to(index, len(text))
+
+    def finish_sample(self, sample):
+        self._count_to(sample.index, self.max_length)
+
+    def _count_to(self, index, characters):
+        grown = characters - self.counted.get(index, 0)
+        if grown > 0:
+            self.counted[index] = characters
+            self.bar.update(grown)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
 
 
 class StreamedText:

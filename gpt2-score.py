@@ -47,7 +47,7 @@ def main(argv=None):
     with streams.open_binary(args.input_file) as stream:
         loaded = load_model_dir(args.model, vocab_dir=args.vocab)
         encoder = loaded.load_encoder()
-        runner = scoring.ModelRunner(loaded.load_parameters(), loaded.hparams,
+        runner = scoring.ModelRunner(loaded.parameter_loaders(), loaded.hparams,
                                      precision=compute_precision)
         texts = (line.strip() for line in streams.read_lines(stream, name=name, errors=args.errors))
         scored = scoring.score_texts(runner, encoder, (text for text in texts if text),

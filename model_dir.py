@@ -45,6 +45,12 @@ class ModelDir:
         """Network parameters as numpy arrays, name -> array; optimizer state is ignored."""
         return read_parameters(self.checkpoint, self.hparams)
 
+    def parameter_loaders(self):
+        """Name -> zero-argument function reading that parameter as a float32 tensor: for
+        loading the network one tensor at a time, so no second copy of the checkpoint sits
+        beside the one being built."""
+        return parameter_loaders(self.checkpoint, self.hparams)
+
     def load_encoder(self):
         from encoder import get_encoder
         return get_encoder(self.vocab_dir)
@@ -206,6 +212,26 @@ def read_parameters(prefix, hparams):
     except (tf.errors.OpError, ValueError, IndexError, OSError) as exc:
         raise ModelDirError(f'checkpoint {prefix} is unreadable (truncated or corrupt?): '
                             f'{_first_line(exc)}') from None
+
+
+def parameter_loaders(prefix, hparams):
+    """See ModelDir.parameter_loaders. RestoreV2 reads a tensor straight into TensorFlow's
+    memory (no numpy copy on the way)."""
+    try:
+        dtypes = tf.train.load_checkpoint(prefix).get_variable_to_dtype_map()
+    except (tf.errors.OpError, ValueError, IndexError, OSError) as exc:
+        raise ModelDirError(f'checkpoint {prefix} is unreadable (truncated or corrupt?): '
+                            f'{_first_line(exc)}') from None
+
+    def load(name):
+        try:
+            tensor, = tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=[name], shape_and_slices=[''],
+                                           dtypes=[dtypes[name]])
+        except (tf.errors.OpError, ValueError) as exc:
+            raise ModelDirError(f'checkpoint {prefix} is unreadable (truncated or corrupt?): '
+                                f'{_first_line(exc)}') from None
+        return tf.cast(tensor, tf.float32)
+    return {name: (lambda name=name: load(name)) for name in parameter_shapes(hparams)}
 
 
 def read_tensors(prefix, names):

@@ -72,127 +72,74 @@ def draw(logits, rng):
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """How tokens are chosen; see `filter_logits`. min_length counts generated tokens."""
+    """How tokens are chosen; see `filter_logits`. min_length counts generated tokens.
+    Checked when made: a ValueError (one line, naming the setting) for what cannot be honoured."""
     top_k: int = 40
     top_p: float = 0.0
     temperature: float = 1.0
     min_length: int = 0
 
-    def check(self, hparams):
-        """Raise ValueError (one line) for settings the sampler cannot honour."""
+    def __post_init__(self):
         if self.top_k < 0:
             raise ValueError(f'top_k must be 0 (no limit) or more, not {self.top_k}')
         if not 0.0 <= self.top_p <= 1.0:
             raise ValueError(f'top_p must be between 0 (off) and 1, not {self.top_p}')
         if not self.temperature > 0:
             raise ValueError(f'temperature must be greater than 0, not {self.temperature}')
-        if not 0 <= self.min_length <= hparams.n_ctx:
+        if self.min_length < 0:
+            raise ValueError(f'min_length must be 0 or more, not {self.min_length}')
+
+    def check_window(self, hparams):
+        """Raise ValueError when min_length does not fit the model's window."""
+        if self.min_length > hparams.n_ctx:
             raise ValueError(f'min_length must be between 0 and the model window '
                              f'({hparams.n_ctx} tokens), not {self.min_length}')
 
 
-def as_variables(params):
-    """Parameters as tf.Variables, so that compiled steps read them in place rather than
-    embedding 400 MB of constants in every traced graph. Variables are passed through."""
-    return {name: value if isinstance(value, tf.Variable) else tf.Variable(value, trainable=False)
-            for name, value in params.items()}
-
-
-XLA_MIN_SLOTS = 64
-# How the per-token step is compiled (see BatchSampler): plain TensorFlow; XLA for the parts
-# that do not depend on the cache length; XLA for the whole network; 'dense' for one row
-# and 'off' for several (gpt2-generate.py's default).
-XLA_MODES = ('off', 'dense', 'full', 'auto')
-
-
-def xla_mode(xla, *, batch_size):
-    """The mode a step of `batch_size` rows uses ('off', 'dense' or 'full') for `xla`: a name
-    in XLA_MODES, True ('full', the old flag), or False / None ('off').
-
-    'auto' is 'dense' for one row, where it measured ~15-20% faster a token, compile
-    included, and 'off' for several, where it was no faster: steps of 5 rows took the same
-    time, and 5 samples together took 4-25% longer in two runs (report/generate.md).
-    """
-    if xla is None or xla is False:
-        return 'off'
-    if xla is True:
-        return 'full'
-    if xla not in XLA_MODES:
-        raise ValueError(f'xla must be one of {", ".join(XLA_MODES)}, not {xla!r}')
-    if xla == 'auto':
-        return 'dense' if batch_size == 1 else 'off'
-    return xla
-
-
-def xla_read_length(slot, n_ctx):
-    """Slots a step at `slot` attends over under XLA: slot + 1 rounded up to a power of two."""
-    return min(n_ctx, max(XLA_MIN_SLOTS, 1 << slot.bit_length()))
+def decoding_parameters(params):
+    """`params` as the sampler reads them (`model.decoding_parameters`), made once: pass the
+    result to every BatchSampler of a run. Parameters already converted pass through."""
+    if model.WTE_TRANSPOSED in params:
+        return params
+    return model.decoding_parameters(params)
 
 
 class BatchSampler:
     """The compiled sampling step of one model for a fixed batch size.
 
-    Holds the key/value cache (`model.new_kv_cache`): `start(contexts)` runs the contexts
-    through the network and samples each row's first token; `step(tokens, slot)` feeds the
-    previous tokens at cache slot `slot` and samples the next. A step attends over the slots
-    filled so far only, so its cost hardly grows with the text. Shapes are static per batch
-    size, so each function is traced once.
+    Holds the key/value cache (`model.KVCache`): `start(contexts)` runs the contexts through
+    the network and samples each row's first token; `step(tokens, slot)` feeds the previous
+    tokens at cache slot `slot` and samples the next. A step attends over the slots filled so
+    far only, so its cost hardly grows with the text. The contexts and the steps go through
+    one traced function ([batch, any length] tokens), traced once.
 
-    xla: how the step is compiled (`xla_mode`): 'off', plain TensorFlow; 'full' (or True),
-    the whole network with XLA, which fuses the small element-wise ops between the matrix
-    products; XLA needs static shapes, so the slots attended over are rounded up to a power
-    of two (at least XLA_MIN_SLOTS), one compilation (a few seconds) for each; 'dense', XLA
-    for the parts whose shapes do not depend on the cache length (model.DensePieces: compiled
-    once per batch size), the cache write and attention in plain TensorFlow; 'auto', 'dense'
-    for one row, else 'off'.
+    params: `decoding_parameters(...)` (or anything it takes: then converted here).
+    xla: compile the network's fixed-shape parts of a step with XLA (`model.CompiledBlocks`,
+    compiled once per batch size; the contexts then take a second, plain traced function).
     """
 
     def __init__(self, params, hparams, *, batch_size, settings, eot_id, rng, xla=False):
         self.hparams, self.batch_size = hparams, batch_size
         self.settings, self.eot_id, self.rng = settings, eot_id, rng
-        self.xla = xla_mode(xla, batch_size=batch_size)
-        self._dense = model.DensePieces(hparams) if self.xla == 'dense' else None
-        self.params = as_variables(params)
-        self.cache = model.new_kv_cache(hparams, batch_size=batch_size)
-        # The unembedding's faster layout, made once (a copy: wte's size again).
-        self._wte_transposed = tf.Variable(tf.transpose(self.params[f'{model.SCOPE}/wte']), trainable=False)
+        self.params = decoding_parameters(params)
+        self.cache = model.KVCache(hparams, batch_size=batch_size)
         self._first_slot = tf.Variable(tf.zeros([batch_size], tf.int32), trainable=False)
-        batch = [batch_size]
-        self._start = tf.function(self._start_graph, input_signature=[
-            tf.TensorSpec([batch_size, None], tf.int32), tf.TensorSpec(batch, tf.int32),
-            tf.TensorSpec(batch, tf.bool)])
-        self._step_signature = [tf.TensorSpec(batch, tf.int32), tf.TensorSpec([], tf.int32),
-                                tf.TensorSpec(batch, tf.bool)]
-        self._steps = {}  # slots attended over (None: as many as filled) -> traced step
+        signature = [tf.TensorSpec([batch_size, None], tf.int32), tf.TensorSpec([], tf.int32),
+                     tf.TensorSpec([batch_size], tf.bool)]
+        self._advance = tf.function(self._advance_graph, input_signature=signature, autograph=False)
+        self._step = self._advance
+        if xla:
+            blocks = model.CompiledBlocks()
+            self._step = tf.function(lambda tokens, slot, no_eot: self._advance_graph(tokens, slot, no_eot, blocks),
+                                     input_signature=signature, autograph=False)
 
-    def _step_for(self, slot):
-        read_length = xla_read_length(slot, self.hparams.n_ctx) if self.xla == 'full' else None
-        if read_length not in self._steps:
-            def network(tokens, slot):
-                return model.forward_cached(self.params, tokens[:, None], hparams=self.hparams,
-                                            cache=self.cache, start=slot, first_slot=self._first_slot,
-                                            read_length=read_length, wte_transposed=self._wte_transposed,
-                                            dense=self._dense)['logits']
-            if self.xla == 'full':
-                # Only the network: XLA's CPU top-k sorts the whole vocabulary (4 ms a token,
-                # against 0.6 ms for TensorFlow's kernel).
-                network = tf.function(network, jit_compile=True)
-
-            def step_graph(tokens, slot, no_eot):
-                return self._choose(network(tokens, slot), no_eot)
-            self._steps[read_length] = tf.function(step_graph, input_signature=self._step_signature)
-        return self._steps[read_length]
-
-    def _choose(self, logits, no_eot):
+    def _advance_graph(self, tokens, slot, no_eot, blocks=model.run_blocks):
+        """tokens [batch, length] at cache slots [slot, slot + length) -> the next token [batch]."""
+        logits = model.forward_cached(self.params, tokens, hparams=self.hparams, cache=self.cache,
+                                      start=slot, first_slot=self._first_slot, blocks=blocks)
         logits = suppress_token(logits, self.eot_id, no_eot)
         s = self.settings
         return draw(filter_logits(logits, top_k=s.top_k, top_p=s.top_p, temperature=s.temperature), self.rng)
-
-    def _start_graph(self, tokens, first_slot, no_eot):
-        self._first_slot.assign(first_slot)
-        out = model.forward_cached(self.params, tokens, hparams=self.hparams, cache=self.cache,
-                                   start=0, first_slot=first_slot, wte_transposed=self._wte_transposed)
-        return self._choose(out['logits'], no_eot)
 
     def start(self, contexts, no_eot):
         """Left-pad `contexts` (lists of ids, 1..n_ctx long) to one length, fill the cache,
@@ -203,11 +150,12 @@ class BatchSampler:
         for row, context in enumerate(contexts):
             padded[row, length - len(context):] = context
             first_slot[row] = length - len(context)
-        return self._start(padded, first_slot, np.asarray(no_eot)).numpy(), length
+        self._first_slot.assign(first_slot)
+        return self._advance(padded, np.int32(0), np.asarray(no_eot)).numpy(), length
 
     def step(self, tokens, slot, no_eot):
-        step = self._step_for(slot)
-        return step(np.asarray(tokens, np.int32), np.int32(slot), np.asarray(no_eot)).numpy()
+        tokens = np.asarray(tokens, np.int32)[:, None]
+        return self._step(tokens, np.int32(slot), np.asarray(no_eot)).numpy()
 
 
 # Why a row of a batch stopped.
@@ -282,10 +230,10 @@ def generate(params, hparams, context_tokens, *, max_tokens, batch_size=1, top_k
     `max_tokens` long, and ends where the window (hparams.n_ctx) is full. The context keeps
     its last n_ctx - 1 tokens. See `filter_logits` for top_k, top_p and temperature;
     min_length forbids end-of-text in the first min_length tokens. Same seed, same output.
-    xla: how the step is compiled: 'off' (False), 'dense', 'full' (True), 'auto' (see BatchSampler).
+    xla: see BatchSampler.
     """
     settings = Settings(top_k=top_k, top_p=top_p, temperature=temperature, min_length=min_length)
-    settings.check(hparams)
+    settings.check_window(hparams)
     context = list(context_tokens)[-(hparams.n_ctx - 1):] or [eot_id]
     sampler = BatchSampler(params, hparams, batch_size=batch_size, settings=settings,
                            eot_id=eot_id, rng=make_rng(seed), xla=xla)
@@ -326,11 +274,12 @@ def generate_texts(params, hparams, encoder, context_tokens, *, num_samples, max
     goes on in a new round whose context is its last REFEED_CHARACTERS characters, as the
     original does. A sample that ends before its first character is retried (as the
     original does, up to MAX_EMPTY_RETRIES times).
-    on_text(index, text): called as a sample's text grows (streaming);
+    params: see `decoding_parameters` (converted once here otherwise);
+    on_text(index, text): called as a sample's text grows (streaming, progress);
     on_done(sample): called as each sample finishes.
     Returns the TextSamples in order.
     """
-    settings.check(hparams)
+    params = decoding_parameters(params)
     first_context = fit_context(context_tokens, hparams)[0] or [encoder.eot_id]
     rng, samplers = make_rng(seed), {}
     samples = [TextSample(index=i, context=first_context) for i in range(num_samples)]

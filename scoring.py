@@ -104,6 +104,8 @@ def plan_batches(lengths, *, batch_size, n_ctx, max_tokens=MAX_BATCH_TOKENS):
 class ModelRunner:
     """The model's parameters and the traced functions that run it over padded batches.
 
+    params: name -> array or tensor, or a zero-argument function returning one
+    (`ModelDir.parameter_loaders()`: read one at a time, so no second copy is held).
     precision: 'float32', or 'bfloat16' / 'float16' (see precision.py): the parameters are
     held in that format and the network computes in it; log-probabilities and vectors come
     out float32 either way."""
@@ -111,11 +113,12 @@ class ModelRunner:
     def __init__(self, params, hparams, *, precision='float32'):
         self.hparams = hparams
         self.compute_dtype = tf.as_dtype(precision)
-        self._params = {name: tf.cast(tf.constant(value), self.compute_dtype) for name, value in params.items()}
+        self._params = {name: tf.cast(value() if callable(value) else value, self.compute_dtype)
+                        for name, value in params.items()}
         tokens = tf.TensorSpec([None, None], tf.int32)
         # One input signature each: any batch and length runs through the same graph.
-        self._logprobs_fn = tf.function(self._target_logprobs, input_signature=[tokens, tokens])
-        self._vectors_fn = tf.function(self._pooled_hidden,
+        self._logprobs_fn = tf.function(self._target_logprobs, input_signature=[tokens, tokens], autograph=False)
+        self._vectors_fn = tf.function(self._pooled_hidden, autograph=False,
                                        input_signature=[tokens, tf.TensorSpec([None], tf.int32)])
 
     def _target_logprobs(self, inputs, targets):

@@ -8,7 +8,7 @@ import tensorflow as tf
 import sample
 from conftest import TINY
 from helpers import assert_usage_error, load_script, run_script
-from model import DensePieces, HParams, forward, forward_cached, init_parameters, new_kv_cache
+from model import CompiledBlocks, HParams, KVCache, decoding_parameters, forward, forward_cached, init_parameters
 
 SMALL_VOCAB = HParams(n_vocab=97, n_ctx=32, n_embd=32, n_head=4, n_layer=3)
 EOT = SMALL_VOCAB.n_vocab - 1
@@ -30,45 +30,46 @@ def test_cached_step_gives_the_logits_of_recomputing_at_every_position():
     params = init_parameters(SMALL_VOCAB, seed=3)
     tokens = np.random.default_rng(0).integers(0, SMALL_VOCAB.n_vocab, size=(2, 20))
     full = forward(params, tokens, hparams=SMALL_VOCAB)['logits'].numpy()
-    cache = new_kv_cache(SMALL_VOCAB, batch_size=2)
-    out = forward_cached(params, tokens[:, :6], hparams=SMALL_VOCAB, cache=cache, start=0)
-    np.testing.assert_allclose(out['logits'].numpy(), full[:, 5], rtol=1e-4, atol=1e-5)
-    wte_transposed = tf.transpose(params['model/wte'])  # the sampler's faster unembedding
-    for position in range(6, 20):
-        out = forward_cached(params, tokens[:, position:position + 1], hparams=SMALL_VOCAB,
-                             cache=cache, start=position, wte_transposed=wte_transposed)
-        np.testing.assert_allclose(out['logits'].numpy(), full[:, position], rtol=1e-4, atol=1e-5)
+    for weights in (params, decoding_parameters(params)):  # wte as stored, and transposed
+        cache = KVCache(SMALL_VOCAB, batch_size=2)
+        logits = forward_cached(weights, tokens[:, :6], hparams=SMALL_VOCAB, cache=cache, start=0)
+        np.testing.assert_allclose(logits.numpy(), full[:, 5], rtol=1e-4, atol=1e-5)
+        for position in range(6, 20):
+            logits = forward_cached(weights, tokens[:, position:position + 1], hparams=SMALL_VOCAB,
+                                    cache=cache, start=position)
+            np.testing.assert_allclose(logits.numpy(), full[:, position], rtol=1e-4, atol=1e-5)
 
 
 def test_left_padded_rows_give_the_logits_of_their_own_context():
     params = init_parameters(SMALL_VOCAB, seed=4)
     short, long = [5, 6, 7], [1, 2, 3, 4, 5, 6]
-    cache = new_kv_cache(SMALL_VOCAB, batch_size=2)
+    cache = KVCache(SMALL_VOCAB, batch_size=2)
     out = forward_cached(params, [[0, 0, 0] + short, long], hparams=SMALL_VOCAB, cache=cache,
                          start=0, first_slot=tf.constant([3, 0]))
     step = forward_cached(params, [[9], [9]], hparams=SMALL_VOCAB, cache=cache, start=6,
                           first_slot=tf.constant([3, 0]))
     for row, context in enumerate([short, long]):
         alone = forward(params, [context + [9]], hparams=SMALL_VOCAB)['logits'].numpy()[0]
-        np.testing.assert_allclose(out['logits'].numpy()[row], alone[-2], rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(step['logits'].numpy()[row], alone[-1], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(out.numpy()[row], alone[-2], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(step.numpy()[row], alone[-1], rtol=1e-4, atol=1e-5)
 
 
-def test_the_dense_xla_pieces_give_the_plain_step_logits():
+def test_the_xla_compiled_blocks_give_the_plain_step_logits():
     params = init_parameters(SMALL_VOCAB, seed=5)
     tokens = np.random.default_rng(1).integers(0, SMALL_VOCAB.n_vocab, size=(2, 20))
     first_slot = tf.constant([2, 0])
-    dense = DensePieces(SMALL_VOCAB)
-    caches = {way: new_kv_cache(SMALL_VOCAB, batch_size=2) for way in ('plain', 'dense')}
+    compiled = CompiledBlocks()
+    caches = {way: KVCache(SMALL_VOCAB, batch_size=2) for way in ('plain', 'compiled')}
     for cache in caches.values():
         forward_cached(params, tokens[:, :6], hparams=SMALL_VOCAB, cache=cache, start=0, first_slot=first_slot)
     for position in range(6, 20):
         logits = {way: forward_cached(params, tokens[:, position:position + 1], hparams=SMALL_VOCAB,
                                       cache=cache, start=position, first_slot=first_slot,
-                                      dense=dense if way == 'dense' else None)['logits'].numpy()
+                                      **({'blocks': compiled} if way == 'compiled' else {})).numpy()
                   for way, cache in caches.items()}
-        np.testing.assert_allclose(logits['dense'], logits['plain'], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(caches['dense'][1].numpy(), caches['plain'][1].numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(logits['compiled'], logits['plain'], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(caches['compiled'].layers[1].numpy(), caches['plain'].layers[1].numpy(),
+                               rtol=1e-4, atol=1e-5)
 
 
 # --- the sampling distribution ---------------------------------------------------------
@@ -151,22 +152,23 @@ def test_generation_stops_at_max_tokens_and_is_reproducible_with_a_seed():
 
 
 def test_settings_outside_their_ranges_are_rejected():
-    for bad in (dict(top_k=-1), dict(top_p=1.5), dict(top_p=-0.1), dict(temperature=0),
-                dict(min_length=SMALL_VOCAB.n_ctx + 1)):
+    for bad in (dict(top_k=-1), dict(top_p=1.5), dict(top_p=-0.1), dict(temperature=0), dict(min_length=-1)):
         with pytest.raises(ValueError):
-            sample.Settings(**bad).check(SMALL_VOCAB)
+            sample.Settings(**bad)
+    with pytest.raises(ValueError):
+        sample.Settings(min_length=SMALL_VOCAB.n_ctx + 1).check_window(SMALL_VOCAB)
 
 
 # --- gpt2-generate.py ------------------------------------------------------------------
 
-@pytest.mark.parametrize('xla', ['off', 'dense'])
+@pytest.mark.parametrize('xla', ['--no-xla', '--xla'])
 def test_greedy_generation_of_tiny_a_reproduces_the_reference(generate_script, capsys,
                                                               reference_dir, vocab_dir, xla):
     expected = json.loads((reference_dir / 'tiny-a-expected.json').read_text(encoding='utf-8'))
     for case in expected['greedy']:
         out = run_main(generate_script, capsys, '--model', reference_dir / 'tiny-a', '--vocab', vocab_dir,
                        '--context', case['context'], '--top_k', 1, '--num_generate', 1,
-                       '--max_length', 100, '--format', 'jsonl', '--xla', xla)
+                       '--max_length', 100, '--format', 'jsonl', xla)
         record = json.loads(out.out)
         assert record['tokens'][:len(case['continuation'])] == case['continuation'], case['context']
         assert record['context'] == case['context']
@@ -249,17 +251,9 @@ def test_an_over_long_context_keeps_its_end_says_so_and_stderr_is_otherwise_clea
     assert 0 < len(result.stdout.strip()) <= 5
 
 
-def test_auto_compiles_the_dense_parts_for_one_row_only():
-    assert [sample.xla_mode('auto', batch_size=b) for b in (1, 2, 8)] == ['dense', 'off', 'off']
-    assert [sample.xla_mode(x, batch_size=1) for x in (False, None, True, 'off')] == ['off', 'off', 'full', 'off']
-    with pytest.raises(ValueError):
-        sample.xla_mode('fast', batch_size=1)
-
-
-@pytest.mark.parametrize('xla', [True, 'full', 'dense'])
-def test_the_xla_steps_sample_what_the_plain_step_does(xla):
+def test_the_xla_step_samples_what_the_plain_step_does():
     params = init_parameters(SMALL_VOCAB, seed=9)
     kwargs = dict(max_tokens=SMALL_VOCAB.n_ctx, eot_id=EOT, batch_size=2, top_k=1, min_length=30)
-    plain = sample.generate(params, SMALL_VOCAB, [1, 2, 3], xla='off', **kwargs)
-    assert sample.generate(params, SMALL_VOCAB, [1, 2, 3], xla=xla, **kwargs) == plain
+    plain = sample.generate(params, SMALL_VOCAB, [1, 2, 3], xla=False, **kwargs)
+    assert sample.generate(params, SMALL_VOCAB, [1, 2, 3], xla=True, **kwargs) == plain
     assert [len(tokens) for tokens in plain] == [SMALL_VOCAB.n_ctx - 2] * 2  # the window fills

@@ -28,17 +28,14 @@ def test_variable_names_and_shapes_match_the_reference_checkpoint(reference_dir)
 def test_incremental_decoding_with_the_cache_equals_recomputing():
     params = init_parameters(SMALL_VOCAB, seed=3)
     tokens = np.random.default_rng(0).integers(0, SMALL_VOCAB.n_vocab, size=(2, 12))
-    full = forward(params, tokens, hparams=SMALL_VOCAB)
-    # Prefix of 5 tokens, then one token at a time through the cache.
-    step = forward(params, tokens[:, :5], hparams=SMALL_VOCAB)
-    logits, past = [step['logits']], step['present']
+    full = forward(params, tokens, hparams=SMALL_VOCAB)['logits'].numpy()
+    # A prefix of 5 tokens, then one token at a time through the cache.
+    cache = model.KVCache(SMALL_VOCAB, batch_size=2)
+    logits = [model.forward_cached(params, tokens[:, :5], hparams=SMALL_VOCAB, cache=cache, start=0)]
     for position in range(5, tokens.shape[1]):
-        step = forward(params, tokens[:, position:position + 1], hparams=SMALL_VOCAB, past=past)
-        logits.append(step['logits'])
-        past = tf.concat([past, step['present']], axis=-2)
-    np.testing.assert_allclose(tf.concat(logits, axis=1).numpy(), full['logits'].numpy(),
-                               rtol=1e-4, atol=1e-4)
-    assert past.shape == (2, SMALL_VOCAB.n_layer, 2, SMALL_VOCAB.n_head, 12, SMALL_VOCAB.head_size)
+        logits.append(model.forward_cached(params, tokens[:, position:position + 1], hparams=SMALL_VOCAB,
+                                           cache=cache, start=position))
+    np.testing.assert_allclose(np.stack(logits, axis=1), full[:, 4:], rtol=1e-4, atol=1e-4)
 
 
 def test_a_token_never_sees_later_tokens():
