@@ -272,10 +272,10 @@ class KVCache:
     tensor passed in and out would be copied whole every step.
     """
 
-    def __init__(self, hparams, *, batch_size):
+    def __init__(self, hparams, *, batch_size, dtype=tf.float32):
         self.batch_size, self.n_head = batch_size, hparams.n_head
         shape = [2, batch_size, hparams.n_head, hparams.n_ctx, hparams.head_size]
-        self.layers = [tf.Variable(tf.zeros(shape, tf.float32), trainable=False, name=f'kv_cache_h{layer}')
+        self.layers = [tf.Variable(tf.zeros(shape, dtype), trainable=False, name=f'kv_cache_h{layer}')
                        for layer in range(hparams.n_layer)]
 
     def attentions(self, start, length, first_slot):
@@ -361,17 +361,18 @@ def forward_cached(params, tokens, *, hparams, cache, start, first_slot=None, bl
     positions = tf.maximum(start + tf.range(length)[None, :] - first_slot[:, None], 0)  # [batch, seq]
     x = blocks(params, embed(params, tokens, positions), cache.attentions(start, length, first_slot))
     last = tf.reshape(x, [cache.batch_size, length, hparams.n_embd])[:, -1]
-    return unembed(params, final_norm(params, last))
+    return tf.cast(unembed(params, final_norm(params, last)), tf.float32)
 
 
-def decoding_parameters(params):
+def decoding_parameters(params, *, dtype=tf.float32):
     """The parameters as variables, as the cached decoder reads them: wte only transposed
-    (WTE_TRANSPOSED). Variables, so that traced steps read them in place rather than holding
-    constants. Takes a dict of arrays, tensors or zero-argument functions returning them, and
-    creates one variable at a time."""
+    (WTE_TRANSPOSED), every one in `dtype` (the format the decoder computes in). Variables,
+    so that traced steps read them in place rather than holding constants. Takes a dict of
+    arrays, tensors or zero-argument functions returning them, and creates one variable at a
+    time."""
     variables = {}
     for name, value in params.items():
-        value = value() if callable(value) else value
+        value = tf.cast(value() if callable(value) else value, dtype)
         if name == f'{SCOPE}/wte':
             name, value = WTE_TRANSPOSED, tf.transpose(value)
         variables[name] = tf.Variable(value, trainable=False)
