@@ -32,11 +32,16 @@ def token_loss_sum(values, tokens, weights, *, hparams, compute_dtype, recompute
     if compute_dtype != tf.float32:
         values = {name: tf.cast(value, compute_dtype) for name, value in values.items()}
     hidden = model.training_hidden(values, tokens, hparams=hparams, recompute=recompute)
-    # Only positions that have a next token are scored: [batch * (n_ctx - 1), n_embd].
-    flat = tf.reshape(hidden[:, :-1], [-1, hparams.n_embd])
+    # Every position is scored, [batch * n_ctx, n_embd]; the last has no next token, so its
+    # target is a placeholder of weight 0. (Slicing it off instead would cost the gradient
+    # of the slice: a padded copy of the hidden states.)
+    flat = tf.reshape(hidden, [-1, hparams.n_embd])
     logits = tf.matmul(flat, values[f'{model.SCOPE}/wte'], transpose_b=True)
+    targets = tf.concat([tokens[:, 1:], tokens[:, :1]], axis=1)
+    weights = tf.pad(weights, [[0, 0], [0, 1]])
+    # The cross-entropy (log-softmax) in float32 whatever the compute format.
     losses = tf.nn.sparse_softmax_cross_entropy_with_logits(
-        labels=tf.reshape(tokens[:, 1:], [-1]), logits=tf.cast(logits, tf.float32))
+        labels=tf.reshape(targets, [-1]), logits=tf.cast(logits, tf.float32))
     return tf.reduce_sum(losses * tf.reshape(weights, [-1]))
 
 
