@@ -420,12 +420,14 @@ def training_attend(q, k, v, mask):
         def grad(dout):
             with tf.control_dependencies([dout]):  # recompute in the backward pass, not before
                 probs = probabilities(tf.identity(q), tf.identity(k))
-            dv = tf.matmul(tf.cast(probs, v.dtype), dout, transpose_a=True)
-            # softmax backward, in float32: p * (dp - sum(p * dp)), where
-            # sum(p * dp) = sum(dout * out).
-            dprobs = tf.cast(tf.matmul(dout, v, transpose_b=True), tf.float32)
+            probs = tf.cast(probs, v.dtype)
+            dv = tf.matmul(probs, dout, transpose_a=True)
+            # softmax backward: p * (dp - sum(p * dp)), where sum(p * dp) = sum(dout * out),
+            # a float32 sum over head_size. The [t, s] products stay in the compute format:
+            # dp comes out of a product in it, and dscores goes into two more.
+            dprobs = tf.matmul(dout, v, transpose_b=True)
             row_sums = tf.reduce_sum(tf.cast(dout, tf.float32) * tf.cast(out, tf.float32), axis=-1, keepdims=True)
-            dscores = tf.cast(probs * (dprobs - row_sums), q.dtype)
+            dscores = probs * (dprobs - tf.cast(row_sums, dprobs.dtype))
             dq = tf.matmul(dscores, k) * scale
             dk = tf.matmul(dscores, q * scale, transpose_a=True)
             return dq, dk, dv
