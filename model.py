@@ -205,7 +205,8 @@ def masked_softmax(scores, mask):
 def attend(q, k, v, mask):
     """Scaled dot-product attention. q [b, h, t, d]; k, v [b, h, s, d]; mask broadcasts to
     [b, h, t, s] (True = may attend). Returns [b, h, t, d], in v's format."""
-    scores = tf.matmul(q, k, transpose_b=True) * tf.math.rsqrt(tf.cast(q.shape[-1], q.dtype))
+    # Scaling q [t, d], not the scores [t, s]: a pass over the smaller tensor.
+    scores = tf.matmul(q * tf.math.rsqrt(tf.cast(q.shape[-1], q.dtype)), k, transpose_b=True)
     return tf.matmul(tf.cast(masked_softmax(scores, mask), v.dtype), v)
 
 

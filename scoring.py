@@ -30,7 +30,10 @@ from streams import DEFAULT_BATCH_SIZE
 # run faster: it already fills a GPU with the small model, and a CPU is compute-bound anyway.
 MAX_BATCH_TOKENS = 4096
 # Padded lengths are multiples of this, so batches of similar rows share shapes.
-LENGTH_QUANTUM = 8
+LENGTH_QUANTUM = 4
+# The fixed cost of running one batch (a call, kernels too small to fill the cores), in
+# tokens of work: the price at which splitting a batch to save padding pays.
+BATCH_OVERHEAD_TOKENS = 64
 # Texts read ahead = batch_size x this: the pool that is grouped by length. Memory is
 # bounded by it, and the first results appear after at most this many texts.
 READ_AHEAD_BATCHES = 8
@@ -84,21 +87,27 @@ def pad_rows(rows, width):
 
 def plan_batches(lengths, *, batch_size, n_ctx, max_tokens=MAX_BATCH_TOKENS):
     """Split row indices, longest first, into batches of at most `batch_size` rows and
-    `max_tokens` padded tokens (a single row is always allowed), none padded by more than a
-    third of its own length (padding is wasted work). Returns lists of indices."""
+    `max_tokens` padded tokens (a single row is always allowed). Of all such splits of the
+    rows sorted by length, the one with the least work: padded tokens plus
+    BATCH_OVERHEAD_TOKENS a batch (a batch that saves less padding than that costs more than
+    it gains). Returns lists of indices."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches, current, width = [], [], 0
-    for i in order:
-        if current and (len(current) >= batch_size or (len(current) + 1) * width > max_tokens
-                        or 4 * padded_length(lengths[i], n_ctx) < 3 * width):
-            batches.append(current)
-            current = []
-        if not current:
-            width = padded_length(lengths[i], n_ctx)
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
+    widths = [padded_length(lengths[i], n_ctx) for i in order]  # non-increasing
+    # least[j]: the least work for order[:j]; first[j]: where its last batch starts.
+    least, first = [0] + [math.inf] * len(order), [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        for start in range(end - 1, max(end - batch_size, 0) - 1, -1):
+            rows = end - start
+            if rows > 1 and rows * widths[start] > max_tokens:
+                break  # wider still with more rows
+            work = least[start] + rows * widths[start] + BATCH_OVERHEAD_TOKENS
+            if work < least[end]:
+                least[end], first[end] = work, start
+    batches, end = [], len(order)
+    while end:
+        batches.append(order[first[end]:end])
+        end = first[end]
+    return batches[::-1]
 
 
 class ModelRunner:
