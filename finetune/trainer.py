@@ -8,9 +8,9 @@ MultiWorkerMirroredStrategy keeps a copy on every replica. One step:
      micro-batch of activations is alive at a time);
   2. the replica context all-reduces (sums) loss and gradients; dividing by the number of
      real target tokens in the whole global batch makes them the large batch's mean;
-  3. if the loss and every gradient are finite, the optimizer updates every copy of every
-     variable (`merge_call` + `extended.update`, as TF's own optimizers do); else nothing
-     changes and the step reports it.
+  3. if the loss and every gradient are finite (their sum is), the optimizer updates every
+     copy of every variable (`merge_call` + `extended.update`, as TF's own optimizers do);
+     else nothing changes and the step reports it.
 The variables carry checkpoint names (`model/...`, `model/wte/Adam`, `beta1_power`,
 `global_step`), so `tensors()` is what a TF1-layout checkpoint holds.
 """
@@ -154,8 +154,10 @@ class Trainer:
         context = tf.distribute.get_replica_context()
         loss_sum, grads = context.all_reduce(tf.distribute.ReduceOp.SUM, (loss_sum, grads))
         loss = loss_sum / total_weight
-        finite = tf.reduce_all([tf.math.is_finite(loss)] +
-                               [tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        # A sum is finite exactly when its terms are (inf and NaN propagate), unless it
+        # overflows, which takes gradients near float32's limit: a step to skip as well.
+        # One summing pass over each gradient, where is_finite would write a mask of it.
+        finite = tf.math.is_finite(loss + tf.add_n([tf.reduce_sum(g) for g in grads]))
         context.merge_call(self._apply, args=(grads, learning_rate, finite))
         return loss, finite
 
