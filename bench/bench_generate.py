@@ -1,6 +1,6 @@
 """Benchmark of generation speed on a gpt2ja-small-sized model with random weights.
 
-    python bench/bench_generate.py [--quick] [--modes plain dense xla]
+    python bench/bench_generate.py [--quick] [--modes plain xla]
 
 Measures, in one run (figures for report/generate.md):
   (a) flat cost: time a token at cache slot ~10 vs ~900 (batch 1); target ratio <= 1.5;
@@ -45,9 +45,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--quick', action='store_true', help='fewer repeats')
     parser.add_argument('--length', type=int, default=64, help='tokens a sample for (b)')
-    parser.add_argument('--modes', nargs='+', choices=['plain', 'dense', 'xla'], default=['plain', 'dense', 'xla'],
-                        help='which steps to measure: plain TF, XLA for the dense parts only, XLA for the '
-                             'whole network (each mode\'s figures can depend on what ran before it)')
+    parser.add_argument('--modes', nargs='+', choices=['plain', 'xla'], default=['plain', 'xla'],
+                        help='which steps to measure: plain TensorFlow, or with the fixed-shape parts '
+                             'compiled by XLA (--xla; each mode\'s figures can depend on what ran before it)')
     args = parser.parse_args()
     tf = cli.prepare_tensorflow()
     import numpy as np
@@ -57,7 +57,7 @@ def main():
 
     repeats = 3 if args.quick else 7
     hparams = model.RELEASED['gpt2ja-small']
-    params = sample.as_variables(model.init_parameters(hparams))
+    params = sample.decoding_parameters(model.init_parameters(hparams))
     weight_bytes = sum(int(np.prod(v.shape)) for v in params.values()) * 4
     print(f'machine: {cpu_name()}, {os.cpu_count()} cores; TensorFlow {tf.__version__}; '
           f'intra-op threads {tf.config.threading.get_intra_op_parallelism_threads() or "default"}')
@@ -81,16 +81,15 @@ def main():
     print(f'weights read a token: {weight_bytes / 1e6:.0f} MB; float32 matvec over a matrix of '
           f'that size (best): {matvec_s * 1e3:.1f} ms = {bandwidth / 1e9:.1f} GB/s -> floor {floor * 1e3:.1f} ms/token')
     for mode in args.modes:
-        report_mode(params, hparams, floor=floor, xla={'plain': 'off', 'xla': 'full'}.get(mode, mode),
-                    repeats=repeats, length=args.length)
+        report_mode(params, hparams, floor=floor, xla=mode == 'xla', repeats=repeats, length=args.length)
 
 
 def report_mode(params, hparams, *, floor, xla, repeats, length):
-    """(a), (b) and (c) for one way of compiling the step (sample.XLA_MODES)."""
+    """(a), (b) and (c) for one way of compiling the step (sample.BatchSampler's xla)."""
     import numpy as np
 
     import sample
-    mode = {'off': 'plain tf.function', 'dense': 'XLA for the dense parts', 'full': 'XLA'}[xla]
+    mode = 'XLA for the fixed-shape parts' if xla else 'plain tf.function'
     eot = hparams.n_vocab - 1
     rng = sample.make_rng(0)
     one = sample.BatchSampler(params, hparams, batch_size=1, settings=sample.Settings(top_k=40),

@@ -68,10 +68,12 @@ class Trainer:
                       for name in self.param_names]
         self.scalars = {name: self.variables[name] for name in optimizer.scalar_factors}
         self._gradient_sums = None  # see _accumulated_gradients
-        self._gradients = tf.function(self._micro_batch_gradients, jit_compile=xla)
-        self._loss_sum = tf.function(self._micro_batch_loss, jit_compile=xla)
-        self._step = tf.function(self._distributed_step)
-        self._evaluate = tf.function(self._distributed_loss)
+        # Plain Python control flow only (loops over static counts, explicit tf.cond), so
+        # traced without autograph's rewriting, which is most of the tracing time.
+        self._gradients = tf.function(self._micro_batch_gradients, jit_compile=xla, autograph=False)
+        self._loss_sum = tf.function(self._micro_batch_loss, jit_compile=xla, autograph=False)
+        self._step = tf.function(self._distributed_step, autograph=False)
+        self._evaluate = tf.function(self._distributed_loss, autograph=False)
 
     @property
     def num_replicas(self):

@@ -1,0 +1,84 @@
+"""What makes the scripts start fast and stay lean: loading, the sampler's weights, progress, --xla."""
+import numpy as np
+import pytest
+
+import model
+import sample
+from conftest import TINY
+from helpers import load_script
+from model_dir import load_model_dir
+
+
+class Terminal:
+    """A stream that says it is a terminal and keeps what is written."""
+
+    def __init__(self):
+        self.text = ''
+
+    def write(self, text):
+        self.text += text
+        return len(text)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+def test_loading_one_tensor_at_a_time_reads_the_checkpoints_values(tiny_model_dir):
+    loaded = load_model_dir(tiny_model_dir)
+    loaders = loaded.parameter_loaders()
+    expected = loaded.load_parameters()
+    assert list(loaders) == list(expected)
+    for name, load in loaders.items():
+        np.testing.assert_array_equal(load().numpy(), expected[name], err_msg=name)
+
+
+def test_the_sampler_holds_one_copy_of_the_weights(tiny_model_dir):
+    loaded = load_model_dir(tiny_model_dir)
+    params = sample.decoding_parameters(loaded.parameter_loaders())
+    held = sum(int(np.prod(value.shape)) for value in params.values())
+    assert held == model.count_parameters(TINY)
+    assert 'model/wte' not in params  # only its transposed layout
+    np.testing.assert_array_equal(params[model.WTE_TRANSPOSED].numpy(), loaded.load_parameters()['model/wte'].T)
+    assert sample.decoding_parameters(params) is params  # made once, shared by every sampler
+
+
+def test_progress_counts_characters_and_finishes_samples_that_end_early(monkeypatch):
+    import sys
+    monkeypatch.setattr(sys, 'stderr', Terminal())
+    script = load_script('gpt2-generate.py')
+    progress = script.CharacterProgress(2, 10, show=True)
+    progress.update(0, 'abc')
+    progress.update(0, 'abcdef')
+    progress.update(1, 'xy')
+    assert progress.bar.n == 8
+    progress.finish_sample(sample.TextSample(index=1, context=[], text='xy'))  # ended at 2 of 10
+    progress.finish_sample(sample.TextSample(index=0, context=[], text='abcdefghij'))
+    assert progress.bar.n == progress.bar.total == 20
+
+
+@pytest.mark.parametrize('stderr_is_terminal', [True, False])
+def test_generation_shows_progress_only_on_a_terminal(tiny_model_dir, monkeypatch, capsys, stderr_is_terminal):
+    import sys
+    script = load_script('gpt2-generate.py')
+    terminal = Terminal()
+    if stderr_is_terminal:
+        monkeypatch.setattr(sys, 'stderr', terminal)
+    assert script.main(['--model', str(tiny_model_dir), '--num_generate', '2', '--max_length', '30',
+                        '--seed', '1']) == 0
+    assert capsys.readouterr().out.count('========') == 1
+    if stderr_is_terminal:
+        assert 'char' in terminal.text and '/60' in terminal.text
+    else:
+        assert capsys.readouterr().err == ''
+
+
+@pytest.mark.parametrize('script_name, required', [
+    ('gpt2-generate.py', []), ('run_finetune.py', ['--dataset', 'x.npz'])])
+def test_xla_is_spelled_the_same_in_every_script(script_name, required):
+    parser = load_script(script_name).build_parser()
+    assert parser.parse_args(required).xla is False
+    assert parser.parse_args(required + ['--xla']).xla is True
+    assert parser.parse_args(required + ['--xla', '--no-xla']).xla is False
