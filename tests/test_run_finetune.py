@@ -161,6 +161,7 @@ def test_usage_error_and_clean_stderr(tmp_path, tiny_model_dir, tiny_dataset):
                         '--checkpoint_dir', tmp_path, '--max_steps', 2, '--save_every', 0)
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
+    assert lines.pop(0).startswith('precision: ')  # what --precision auto chose, and why
     assert lines[0].startswith('[1 | ') and ' loss=' in lines[0] and ' avg=' in lines[0]
     assert lines[1].startswith('[2 | ')
     assert len(lines) == 3 and lines[2].startswith('Saving ')  # nothing from TensorFlow
