@@ -105,7 +105,8 @@ def main(argv=None):
     from finetune.memory import prepare_process
     prepare_process(recompute=args.recompute)  # before TensorFlow is imported
     cli.prepare_tensorflow(verbose=args.verbose, gpu=args.gpu)
-    args.precision = precision.resolve_precision(args.precision)
+    if args.precision != 'auto':  # a float16 without a GPU is refused before any work;
+        args.precision = precision.resolve_precision(args.precision)  # auto: once set up
     from finetune.training_run import run_training
     return run_training(args)
 
