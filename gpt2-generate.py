@@ -11,6 +11,7 @@ import sys
 
 import cli
 import files  # no TensorFlow: safe before prepare_tensorflow
+import precision
 
 SEPARATOR = '========'
 DEFAULT_CONTEXT = '<|endoftext|>'
@@ -51,6 +52,7 @@ def build_parser():
     output.add_argument('--xla', action=cli.argparse.BooleanOptionalAction, default=False,
                         help='compile the model with XLA: a token of a single sample comes faster, '
                              'after a compile pause at start-up. Figures: report/generate.md')
+    precision.add_precision_flag(output, default='float32')
     cli.add_common_flags(parser)
     return parser
 
@@ -70,6 +72,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
     cli.prepare_tensorflow(verbose=args.verbose, gpu=args.gpu)
+    compute_precision = precision.resolve_precision(args.precision)
     import sample
     from model_dir import load_model_dir
 
@@ -102,7 +105,7 @@ def main(argv=None):
         samples = sample.generate_texts(
             loaded.parameter_loaders(), loaded.hparams, encoder, kept,
             num_samples=args.num_generate, max_length=args.max_length, settings=settings,
-            batch_size=args.batch_size, seed=args.seed, xla=args.xla,
+            batch_size=args.batch_size, seed=args.seed, xla=args.xla, precision=compute_precision,
             on_text=on_text, on_done=progress.finish_sample)
     if streaming:
         shown.finish()

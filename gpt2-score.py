@@ -12,6 +12,7 @@ tokens at a time, so every token is conditioned on n_ctx/2 to n_ctx-1 tokens bef
 import json
 
 import cli
+import precision
 import streams  # no TensorFlow: safe before prepare_tensorflow
 
 
@@ -26,6 +27,7 @@ def parse_args(argv=None):
     parser.add_argument('--format', choices=('text', 'jsonl'), default='text',
                         help='text: the original tab-separated lines; jsonl: one JSON object a line '
                              '(text, total, n_tokens, perplexity, tokens)')
+    precision.add_precision_flag(parser, default='float32')
     streams.add_batch_flags(parser, unit='lines')
     cli.add_common_flags(parser)
     args = parser.parse_args(argv)
@@ -36,6 +38,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     cli.prepare_tensorflow(verbose=args.verbose, gpu=args.gpu)
+    compute_precision = precision.resolve_precision(args.precision)
     import scoring
     from model_dir import load_model_dir
 
@@ -43,7 +46,8 @@ def main(argv=None):
     with streams.open_binary(args.input_file) as stream:
         loaded = load_model_dir(args.model, vocab_dir=args.vocab)
         encoder = loaded.load_encoder()
-        runner = scoring.ModelRunner(loaded.parameter_loaders(), loaded.hparams)
+        runner = scoring.ModelRunner(loaded.parameter_loaders(), loaded.hparams,
+                                     precision=compute_precision)
         texts = (line.strip() for line in streams.read_lines(stream, name=name, errors=args.errors))
         scored = scoring.score_texts(runner, encoder, (text for text in texts if text),
                                      exclude_end=args.exclude_end,

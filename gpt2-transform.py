@@ -10,8 +10,9 @@ input order, run in batches. Texts longer than the model's context use their las
 import contextlib
 
 import cli
-# Neither imports TensorFlow: safe before prepare_tensorflow.
+# None imports TensorFlow: safe before prepare_tensorflow.
 import files
+import precision
 import streams
 
 
@@ -28,6 +29,7 @@ def parse_args(argv=None):
                         help='write the vectors as a float32 .npy matrix (rows in input order) '
                              'instead of printing them')
     parser.add_argument('--overwrite', action='store_true', help='let --output replace an existing file')
+    precision.add_precision_flag(parser, default='float32')
     streams.add_batch_flags(parser, unit='texts')
     cli.add_common_flags(parser)
     args = parser.parse_args(argv)
@@ -51,6 +53,7 @@ def numbered_texts(lines, name):
 def main(argv=None):
     args = parse_args(argv)
     cli.prepare_tensorflow(verbose=args.verbose, gpu=args.gpu)
+    compute_precision = precision.resolve_precision(args.precision)
     import scoring
     from model_dir import load_model_dir
 
@@ -60,7 +63,8 @@ def main(argv=None):
     name = '--context' if args.input is None else streams.input_name(args.input)
     with contextlib.nullcontext() if args.input is None else streams.open_binary(args.input) as stream:
         loaded = load_model_dir(args.model, vocab_dir=args.vocab)
-        runner = scoring.ModelRunner(loaded.parameter_loaders(), loaded.hparams)
+        runner = scoring.ModelRunner(loaded.parameter_loaders(), loaded.hparams,
+                                     precision=compute_precision)
         if args.input is None:
             texts = [args.context]
         else:

@@ -16,6 +16,11 @@ epsilon 1e-5, unembedding tied to the token embedding.
 
 Activations travel between the blocks flattened, [rows = batch * seq, n_embd], so that every
 weight product is one 2-D matmul; only attention sees [batch, heads, seq, head_size].
+
+Number format: the network computes in its weights' format. Given float32 weights it is
+float32 throughout; given bfloat16 (or float16) weights, the products and activations use
+that format while layer-norm statistics, attention's softmax and the residual stream stay
+float32 (see precision.py); logits and hidden states come out in the weights' format.
 """
 import dataclasses
 import math
@@ -144,9 +149,13 @@ def gelu(x):
 
 
 def layer_norm(x, g, b):
-    """Normalise the last axis to mean 0 and variance 1, then scale by g and shift by b."""
+    """Normalise the last axis to mean 0 and variance 1, then scale by g and shift by b.
+    The statistics and the normalisation are float32 whatever x's format (bfloat16's 8
+    significant bits are too few for a variance over n_embd terms); the result is in g's
+    format, the one the network computes in."""
+    x = tf.cast(x, tf.float32)
     mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
-    return (x - mean) * tf.math.rsqrt(variance + LAYER_NORM_EPSILON) * g + b
+    return tf.cast((x - mean) * tf.math.rsqrt(variance + LAYER_NORM_EPSILON), g.dtype) * g + b
 
 
 def dense(x, w, b):
@@ -161,10 +170,11 @@ def attention_input(w, x):
 
 def block_output(w, x, a, *, activation=gelu):
     """The second half of a block, after attention a [rows, n_embd]: projection, residual,
-    ln_2, MLP, residual. Returns the block's output [rows, n_embd]."""
-    x = x + dense(a, w['attn/c_proj/w'], w['attn/c_proj/b'])
+    ln_2, MLP, residual. Returns the block's output [rows, n_embd], in x's format (the
+    residual stream, float32: see `embed`); the rest computes in the weights' format."""
+    x = x + tf.cast(dense(a, w['attn/c_proj/w'], w['attn/c_proj/b']), x.dtype)
     h = activation(dense(layer_norm(x, w['ln_2/g'], w['ln_2/b']), w['mlp/c_fc/w'], w['mlp/c_fc/b']))
-    return x + dense(h, w['mlp/c_proj/w'], w['mlp/c_proj/b'])
+    return x + tf.cast(dense(h, w['mlp/c_proj/w'], w['mlp/c_proj/b']), x.dtype)
 
 
 def block(w, x, attention, *, activation=gelu):
@@ -185,12 +195,19 @@ def merge_heads(a):
     return tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [-1, a.shape[1] * a.shape[3]])
 
 
+def masked_softmax(scores, mask):
+    """Softmax over the last axis where `mask` is True (zero elsewhere), in float32 whatever
+    the scores' format; returns float32 probabilities."""
+    scores = tf.cast(scores, tf.float32)
+    return tf.nn.softmax(tf.where(mask, scores, tf.float32.min), axis=-1)
+
+
 def attend(q, k, v, mask):
     """Scaled dot-product attention. q [b, h, t, d]; k, v [b, h, s, d]; mask broadcasts to
-    [b, h, t, s] (True = may attend). Returns [b, h, t, d]."""
-    scores = tf.matmul(q, k, transpose_b=True) * tf.math.rsqrt(tf.cast(q.shape[-1], q.dtype))
-    scores = tf.where(mask, scores, tf.cast(scores.dtype.min, scores.dtype))
-    return tf.matmul(tf.nn.softmax(scores, axis=-1), v)
+    [b, h, t, s] (True = may attend). Returns [b, h, t, d], in v's format."""
+    # Scaling q [t, d], not the scores [t, s]: a pass over the smaller tensor.
+    scores = tf.matmul(q * tf.math.rsqrt(tf.cast(q.shape[-1], q.dtype)), k, transpose_b=True)
+    return tf.matmul(tf.cast(masked_softmax(scores, mask), v.dtype), v)
 
 
 def causal_mask(length):
@@ -207,13 +224,15 @@ def causal_attention(batch, n_head, *, attend_fn=attend):
 
 
 def embed(params, tokens, positions):
-    """Token plus position embeddings, [batch * seq, n_embd]. tokens, positions int [batch, seq]."""
+    """Token plus position embeddings, [batch * seq, n_embd]. tokens, positions int [batch, seq].
+    float32 whatever the weights' format: the residual stream that the blocks add to stays
+    float32, so that small updates to it are not rounded away."""
     tokens, positions = tf.reshape(tokens, [-1]), tf.reshape(positions, [-1])
     if WTE_TRANSPOSED in params:
         words = tf.transpose(tf.gather(params[WTE_TRANSPOSED], tokens, axis=1))
     else:
         words = tf.gather(params[f'{SCOPE}/wte'], tokens)
-    return words + tf.gather(params[f'{SCOPE}/wpe'], positions)
+    return tf.cast(words + tf.gather(params[f'{SCOPE}/wpe'], positions), tf.float32)
 
 
 def unembed(params, hidden):
@@ -254,10 +273,10 @@ class KVCache:
     tensor passed in and out would be copied whole every step.
     """
 
-    def __init__(self, hparams, *, batch_size):
+    def __init__(self, hparams, *, batch_size, dtype=tf.float32):
         self.batch_size, self.n_head = batch_size, hparams.n_head
         shape = [2, batch_size, hparams.n_head, hparams.n_ctx, hparams.head_size]
-        self.layers = [tf.Variable(tf.zeros(shape, tf.float32), trainable=False, name=f'kv_cache_h{layer}')
+        self.layers = [tf.Variable(tf.zeros(shape, dtype), trainable=False, name=f'kv_cache_h{layer}')
                        for layer in range(hparams.n_layer)]
 
     def attentions(self, start, length, first_slot):
@@ -343,17 +362,18 @@ def forward_cached(params, tokens, *, hparams, cache, start, first_slot=None, bl
     positions = tf.maximum(start + tf.range(length)[None, :] - first_slot[:, None], 0)  # [batch, seq]
     x = blocks(params, embed(params, tokens, positions), cache.attentions(start, length, first_slot))
     last = tf.reshape(x, [cache.batch_size, length, hparams.n_embd])[:, -1]
-    return unembed(params, final_norm(params, last))
+    return tf.cast(unembed(params, final_norm(params, last)), tf.float32)
 
 
-def decoding_parameters(params):
+def decoding_parameters(params, *, dtype=tf.float32):
     """The parameters as variables, as the cached decoder reads them: wte only transposed
-    (WTE_TRANSPOSED). Variables, so that traced steps read them in place rather than holding
-    constants. Takes a dict of arrays, tensors or zero-argument functions returning them, and
-    creates one variable at a time."""
+    (WTE_TRANSPOSED), every one in `dtype` (the format the decoder computes in). Variables,
+    so that traced steps read them in place rather than holding constants. Takes a dict of
+    arrays, tensors or zero-argument functions returning them, and creates one variable at a
+    time."""
     variables = {}
     for name, value in params.items():
-        value = value() if callable(value) else value
+        value = tf.cast(value() if callable(value) else value, dtype)
         if name == f'{SCOPE}/wte':
             name, value = WTE_TRANSPOSED, tf.transpose(value)
         variables[name] = tf.Variable(value, trainable=False)
@@ -391,21 +411,24 @@ def training_attend(q, k, v, mask):
     backward pass, and they are the larger part of the activations. mask: [t, s] booleans."""
     scale = tf.math.rsqrt(tf.cast(q.shape[-1], q.dtype))
 
-    def probabilities(q, k):  # [b, h, t, s]; scaling q, not the larger scores
-        scores = tf.matmul(q * scale, k, transpose_b=True)
-        return tf.nn.softmax(tf.where(mask, scores, tf.cast(scores.dtype.min, scores.dtype)), axis=-1)
+    def probabilities(q, k):  # float32 [b, h, t, s]; scaling q, not the larger scores
+        return masked_softmax(tf.matmul(q * scale, k, transpose_b=True), mask)
 
     @tf.custom_gradient
     def core(q, k, v):
-        out = tf.matmul(probabilities(q, k), v)
+        out = tf.matmul(tf.cast(probabilities(q, k), v.dtype), v)
 
         def grad(dout):
             with tf.control_dependencies([dout]):  # recompute in the backward pass, not before
                 probs = probabilities(tf.identity(q), tf.identity(k))
+            probs = tf.cast(probs, v.dtype)
             dv = tf.matmul(probs, dout, transpose_a=True)
-            # softmax backward: p * (dp - sum(p * dp)), where sum(p * dp) = sum(dout * out).
-            dscores = probs * (tf.matmul(dout, v, transpose_b=True) -
-                               tf.reduce_sum(dout * out, axis=-1, keepdims=True))
+            # softmax backward: p * (dp - sum(p * dp)), where sum(p * dp) = sum(dout * out),
+            # a float32 sum over head_size. The [t, s] products stay in the compute format:
+            # dp comes out of a product in it, and dscores goes into two more.
+            dprobs = tf.matmul(dout, v, transpose_b=True)
+            row_sums = tf.reduce_sum(tf.cast(dout, tf.float32) * tf.cast(out, tf.float32), axis=-1, keepdims=True)
+            dscores = probs * (dprobs - tf.cast(row_sums, dprobs.dtype))
             dq = tf.matmul(dscores, k) * scale
             dk = tf.matmul(dscores, q * scale, transpose_a=True)
             return dq, dk, dv

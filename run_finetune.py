@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import cli
+import precision
 
 
 def build_parser():
@@ -55,15 +56,12 @@ def build_parser():
     speed = parser.add_argument_group('memory and speed')
     speed.add_argument('--recompute', action='store_true',
                        help='recompute activations in the backward pass and use plain (non-oneDNN) '
-                            'kernels: least memory (about 2.5 GB instead of 3.2 GB for gpt2ja-small '
-                            'at batch 1), about 1.7x the time a step on a CPU; '
-                            'TF_ENABLE_ONEDNN_OPTS=1 keeps oneDNN: faster, about 2.8 GB')
-    speed.add_argument('--precision', choices=['float32', 'bfloat16', 'float16'], default='float32',
-                       help='compute precision (weights stay float32; float16 uses loss scaling). '
-                            'On CPUs float32 is fastest')
+                            'kernels: least memory, slower steps (figures in report/finetune.md); '
+                            'TF_ENABLE_ONEDNN_OPTS=1 keeps oneDNN: faster, a little more memory')
+    precision.add_precision_flag(speed, default='auto')
     speed.add_argument('--xla', action=cli.argparse.BooleanOptionalAction, default=False,
-                       help='compile the forward and backward pass with XLA (slower on CPUs: '
-                            'see report/finetune.md)')
+                       help='compile the forward and backward pass with XLA '
+                            '(report/finetune.md compares it)')
     speed.add_argument('--strategy', choices=['auto', 'mirrored', 'multiworker'], default='auto',
                        help='auto: all visible GPUs when more than one, else one device; '
                             'multiworker: several machines, configured by $TF_CONFIG')
@@ -107,6 +105,8 @@ def main(argv=None):
     from finetune.memory import prepare_process
     prepare_process(recompute=args.recompute)  # before TensorFlow is imported
     cli.prepare_tensorflow(verbose=args.verbose, gpu=args.gpu)
+    if args.precision != 'auto':  # a float16 without a GPU is refused before any work;
+        args.precision = precision.resolve_precision(args.precision)  # auto: once set up
     from finetune.training_run import run_training
     return run_training(args)
 

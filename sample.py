@@ -96,12 +96,13 @@ class Settings:
                              f'({hparams.n_ctx} tokens), not {self.min_length}')
 
 
-def decoding_parameters(params):
-    """`params` as the sampler reads them (`model.decoding_parameters`), made once: pass the
-    result to every BatchSampler of a run. Parameters already converted pass through."""
+def decoding_parameters(params, *, precision='float32'):
+    """`params` as the sampler reads them (`model.decoding_parameters`, in `precision`: see
+    precision.py), made once: pass the result to every BatchSampler of a run. Parameters
+    already converted pass through."""
     if model.WTE_TRANSPOSED in params:
         return params
-    return model.decoding_parameters(params)
+    return model.decoding_parameters(params, dtype=tf.as_dtype(precision))
 
 
 class BatchSampler:
@@ -122,7 +123,8 @@ class BatchSampler:
         self.hparams, self.batch_size = hparams, batch_size
         self.settings, self.eot_id, self.rng = settings, eot_id, rng
         self.params = decoding_parameters(params)
-        self.cache = model.KVCache(hparams, batch_size=batch_size)
+        self.cache = model.KVCache(hparams, batch_size=batch_size,
+                                   dtype=self.params[model.WTE_TRANSPOSED].dtype)
         self._first_slot = tf.Variable(tf.zeros([batch_size], tf.int32), trainable=False)
         signature = [tf.TensorSpec([batch_size, None], tf.int32), tf.TensorSpec([], tf.int32),
                      tf.TensorSpec([batch_size], tf.bool)]
@@ -266,7 +268,8 @@ MAX_LENGTH = 'max_length'
 
 
 def generate_texts(params, hparams, encoder, context_tokens, *, num_samples, max_length,
-                   settings, batch_size=8, seed=None, xla=False, on_text=None, on_done=None):
+                   settings, batch_size=8, seed=None, xla=False, precision='float32', on_text=None,
+                   on_done=None):
     """`num_samples` texts continuing `context_tokens`, sampled `batch_size` at a time.
 
     A sample ends at end-of-text or once it has `max_length` characters (its text is cut
@@ -274,12 +277,12 @@ def generate_texts(params, hparams, encoder, context_tokens, *, num_samples, max
     goes on in a new round whose context is its last REFEED_CHARACTERS characters, as the
     original does. A sample that ends before its first character is retried (as the
     original does, up to MAX_EMPTY_RETRIES times).
-    params: see `decoding_parameters` (converted once here otherwise);
+    params: see `decoding_parameters` (converted once here otherwise, to `precision`);
     on_text(index, text): called as a sample's text grows (streaming, progress);
     on_done(sample): called as each sample finishes.
     Returns the TextSamples in order.
     """
-    params = decoding_parameters(params)
+    params = decoding_parameters(params, precision=precision)
     first_context = fit_context(context_tokens, hparams)[0] or [encoder.eot_id]
     rng, samplers = make_rng(seed), {}
     samples = [TextSample(index=i, context=first_context) for i in range(num_samples)]

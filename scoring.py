@@ -6,7 +6,8 @@
     results, because attention is causal);
   - reads its input lazily, groups a read-ahead window of texts by length so that a batch
     holds rows of similar length (little padding), and gives results back in input order
-    as soon as the earliest pending text is done (`ordered_batches`);
+    as soon as the earliest pending text is done (`ordered_batches`); when the input pauses
+    (a pipe fed slowly), what has arrived runs at once instead of waiting for a full window;
   - scores texts longer than the model's context with a sliding window (`score_windows`).
 
 Numbers: log-probabilities are logit - logsumexp(logits) in float32 (a log-softmax, which
@@ -14,8 +15,9 @@ stays finite where log(softmax) underflows); totals are summed as the original s
 summed them (Python floats, in token order), so printed figures agree digit for digit.
 """
 import dataclasses
-import itertools
 import math
+import queue
+import threading
 
 import numpy as np
 import tensorflow as tf
@@ -28,10 +30,17 @@ from streams import DEFAULT_BATCH_SIZE
 # run faster: it already fills a GPU with the small model, and a CPU is compute-bound anyway.
 MAX_BATCH_TOKENS = 4096
 # Padded lengths are multiples of this, so batches of similar rows share shapes.
-LENGTH_QUANTUM = 8
+LENGTH_QUANTUM = 4
+# The fixed cost of running one batch (a call, kernels too small to fill the cores), in
+# tokens of work: the price at which splitting a batch to save padding pays.
+BATCH_OVERHEAD_TOKENS = 64
 # Texts read ahead = batch_size x this: the pool that is grouped by length. Memory is
 # bounded by it, and the first results appear after at most this many texts.
 READ_AHEAD_BATCHES = 8
+# When the input has been silent this long, what has arrived is run without waiting for a
+# full read-ahead: a pipe that pauses (a person, a slow producer) gets each answer as soon as
+# its line is in, while a file, read far faster than this, still fills whole batches.
+INPUT_PAUSE_SECONDS = 0.05
 POOLINGS = ('last', 'mean')
 
 
@@ -78,31 +87,42 @@ def pad_rows(rows, width):
 
 def plan_batches(lengths, *, batch_size, n_ctx, max_tokens=MAX_BATCH_TOKENS):
     """Split row indices, longest first, into batches of at most `batch_size` rows and
-    `max_tokens` padded tokens (a single row is always allowed), none padded by more than a
-    third of its own length (padding is wasted work). Returns lists of indices."""
+    `max_tokens` padded tokens (a single row is always allowed). Of all such splits of the
+    rows sorted by length, the one with the least work: padded tokens plus
+    BATCH_OVERHEAD_TOKENS a batch (a batch that saves less padding than that costs more than
+    it gains). Returns lists of indices."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches, current, width = [], [], 0
-    for i in order:
-        if current and (len(current) >= batch_size or (len(current) + 1) * width > max_tokens
-                        or 4 * padded_length(lengths[i], n_ctx) < 3 * width):
-            batches.append(current)
-            current = []
-        if not current:
-            width = padded_length(lengths[i], n_ctx)
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
+    widths = [padded_length(lengths[i], n_ctx) for i in order]  # non-increasing
+    # least[j]: the least work for order[:j]; first[j]: where its last batch starts.
+    least, first = [0] + [math.inf] * len(order), [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        for start in range(end - 1, max(end - batch_size, 0) - 1, -1):
+            rows = end - start
+            if rows > 1 and rows * widths[start] > max_tokens:
+                break  # wider still with more rows
+            work = least[start] + rows * widths[start] + BATCH_OVERHEAD_TOKENS
+            if work < least[end]:
+                least[end], first[end] = work, start
+    batches, end = [], len(order)
+    while end:
+        batches.append(order[first[end]:end])
+        end = first[end]
+    return batches[::-1]
 
 
 class ModelRunner:
-    """The model's parameters and the traced functions that run it over padded batches."""
+    """The model's parameters and the traced functions that run it over padded batches.
 
-    def __init__(self, params, hparams):
-        """params: name -> array or tensor, or a zero-argument function returning one
-        (`ModelDir.parameter_loaders()`: read one at a time, so no second copy is held)."""
+    params: name -> array or tensor, or a zero-argument function returning one
+    (`ModelDir.parameter_loaders()`: read one at a time, so no second copy is held).
+    precision: 'float32', or 'bfloat16' / 'float16' (see precision.py): the parameters are
+    held in that format and the network computes in it; log-probabilities and vectors come
+    out float32 either way."""
+
+    def __init__(self, params, hparams, *, precision='float32'):
         self.hparams = hparams
-        self._params = {name: tf.convert_to_tensor(value() if callable(value) else value)
+        self.compute_dtype = tf.as_dtype(precision)
+        self._params = {name: tf.cast(value() if callable(value) else value, self.compute_dtype)
                         for name, value in params.items()}
         tokens = tf.TensorSpec([None, None], tf.int32)
         # One input signature each: any batch and length runs through the same graph.
@@ -113,6 +133,7 @@ class ModelRunner:
     def _target_logprobs(self, inputs, targets):
         """inputs, targets [batch, time] -> log P(targets[b, t] | inputs[b, :t+1]) [batch, time]."""
         logits = forward(self._params, inputs, hparams=self.hparams)['logits']  # [batch, time, vocab]
+        logits = tf.cast(logits, tf.float32)
         picked = tf.gather(logits, targets, batch_dims=2)  # [batch, time]
         return picked - tf.reduce_logsumexp(logits, axis=-1)
 
@@ -120,6 +141,7 @@ class ModelRunner:
         """tokens [batch, time], lengths [batch] -> (last, mean), each [batch, n_embd]: the final
         layer-normalised hidden state at each row's last real token, and its mean over them."""
         hidden = forward(self._params, tokens, hparams=self.hparams)['hidden']  # [batch, time, embd]
+        hidden = tf.cast(hidden, tf.float32)
         last = tf.gather(hidden, lengths - 1, batch_dims=1)
         mask = tf.sequence_mask(lengths, tf.shape(tokens)[1], dtype=hidden.dtype)[:, :, None]
         mean = tf.reduce_sum(hidden * mask, axis=1) / tf.cast(lengths, hidden.dtype)[:, None]
@@ -141,44 +163,118 @@ class ModelRunner:
         return list((last if pooling == 'last' else mean).numpy())
 
 
+class ArrivedItems:
+    """Items of an iterable as they arrive: `take(limit)` returns what can be had without
+    waiting for a pause in the input. A helper thread does the reading (which may block, on a
+    pipe), one item on request, so nothing is read beyond what was asked for plus the one
+    item being waited on; an exception raised by the iterable is raised by `take`, after the
+    items before it."""
+
+    _END = object()
+
+    def __init__(self, items, *, pause=INPUT_PAUSE_SECONDS):
+        self._items = iter(items)
+        self._pause = pause
+        self._requests = threading.Semaphore(0)
+        self._arrived = queue.SimpleQueue()
+        self._waiting = False  # a request is out that has not been answered yet
+        self._stopped = False
+        self._finished = False
+        self._failure = None  # what the iterable raised, once the items before it are taken
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        while True:
+            self._requests.acquire()
+            if self._stopped:
+                return
+            try:
+                self._arrived.put((True, next(self._items)))
+            except StopIteration:
+                self._arrived.put((False, None))
+                return
+            except BaseException as exc:  # noqa: B036 -- handed to the consumer, raised there
+                self._arrived.put((False, exc))
+                return
+
+    def _next(self, timeout):
+        if not self._waiting:
+            self._requests.release()
+            self._waiting = True
+        item = self._arrived.get(timeout=timeout)  # raises queue.Empty after a pause
+        self._waiting = False
+        return item
+
+    def take(self, limit):
+        """Up to `limit` items: waits for the first, then takes more until the input pauses.
+        Returns [] at the end of the input."""
+        chunk = []
+        while not self._finished and len(chunk) < limit:
+            try:
+                is_item, item = self._next(self._pause if chunk else None)
+            except queue.Empty:
+                break
+            if is_item:
+                chunk.append(item)
+            else:
+                self._finished, self._failure = True, item
+        if not chunk and self._failure is not None:
+            raise self._failure
+        return chunk
+
+    def close(self):
+        self._stopped = True
+        self._requests.release()
+
+
 def ordered_batches(items, rows_of, run_rows, finish, *, batch_size, n_ctx, row_length=len,
-                    max_tokens=MAX_BATCH_TOKENS, read_ahead=None):
+                    max_tokens=MAX_BATCH_TOKENS, read_ahead=None, pause=INPUT_PAUSE_SECONDS):
     """Yield `finish(item, results)` for each of `items`, in input order, streaming.
 
     rows_of(item) -> the rows (token sequences, or (inputs, targets) pairs) the item needs;
     run_rows(rows) -> one result per row; `results` are the item's rows' results in order;
     row_length(row) -> the padded dimension a row needs.
-    Items are read `read_ahead` at a time (never all at once: `items` may be endless), their
-    rows grouped by length into batches, and each item is finished as soon as it and every
-    item before it are done.
+    Items are taken as they arrive, up to `read_ahead` at a time (never all at once: `items`
+    may be endless), or fewer when the input pauses for `pause` seconds (see ArrivedItems);
+    their rows are grouped by length into batches, and each item is finished as soon as it
+    and every item before it are done.
     """
     read_ahead = read_ahead or batch_size * READ_AHEAD_BATCHES
-    iterator = iter(items)
-    while chunk := list(itertools.islice(iterator, read_ahead)):
-        rows, owners, results = [], [], []
-        for index, item in enumerate(chunk):
-            item_rows = rows_of(item)
-            results.append([None] * len(item_rows))
-            rows.extend(item_rows)
-            owners.extend((index, position) for position in range(len(item_rows)))
-        pending = [len(item_results) for item_results in results]
-        done = 0
+    arrived = ArrivedItems(items, pause=pause)
+    try:
+        while chunk := arrived.take(read_ahead):
+            yield from _finished_in_order(chunk, rows_of, run_rows, finish, batch_size=batch_size,
+                                          n_ctx=n_ctx, row_length=row_length, max_tokens=max_tokens)
+    finally:
+        arrived.close()
 
-        def finished():
-            nonlocal done
-            while done < len(chunk) and pending[done] == 0:
-                yield finish(chunk[done], results[done])
-                chunk[done] = results[done] = None  # let finished items go
-                done += 1
 
+def _finished_in_order(chunk, rows_of, run_rows, finish, *, batch_size, n_ctx, row_length, max_tokens):
+    """ordered_batches for one chunk of items, all of them in memory."""
+    rows, owners, results = [], [], []
+    for index, item in enumerate(chunk):
+        item_rows = rows_of(item)
+        results.append([None] * len(item_rows))
+        rows.extend(item_rows)
+        owners.extend((index, position) for position in range(len(item_rows)))
+    pending = [len(item_results) for item_results in results]
+    done = 0
+
+    def finished():
+        nonlocal done
+        while done < len(chunk) and pending[done] == 0:
+            yield finish(chunk[done], results[done])
+            chunk[done] = results[done] = None  # let finished items go
+            done += 1
+
+    yield from finished()
+    lengths = [row_length(row) for row in rows]
+    for batch in plan_batches(lengths, batch_size=batch_size, n_ctx=n_ctx, max_tokens=max_tokens):
+        for row_index, result in zip(batch, run_rows([rows[i] for i in batch])):
+            index, position = owners[row_index]
+            results[index][position] = result
+            pending[index] -= 1
         yield from finished()
-        lengths = [row_length(row) for row in rows]
-        for batch in plan_batches(lengths, batch_size=batch_size, n_ctx=n_ctx, max_tokens=max_tokens):
-            for row_index, result in zip(batch, run_rows([rows[i] for i in batch])):
-                index, position = owners[row_index]
-                results[index][position] = result
-                pending[index] -= 1
-            yield from finished()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,9 +8,9 @@ MultiWorkerMirroredStrategy keeps a copy on every replica. One step:
      micro-batch of activations is alive at a time);
   2. the replica context all-reduces (sums) loss and gradients; dividing by the number of
      real target tokens in the whole global batch makes them the large batch's mean;
-  3. if the loss and every gradient are finite, the optimizer updates every copy of every
-     variable (`merge_call` + `extended.update`, as TF's own optimizers do); else nothing
-     changes and the step reports it.
+  3. if the loss and every gradient are finite (their sum is), the optimizer updates every
+     copy of every variable (`merge_call` + `extended.update`, as TF's own optimizers do);
+     else nothing changes and the step reports it.
 The variables carry checkpoint names (`model/...`, `model/wte/Adam`, `beta1_power`,
 `global_step`), so `tensors()` is what a TF1-layout checkpoint holds.
 """
@@ -32,11 +32,16 @@ def token_loss_sum(values, tokens, weights, *, hparams, compute_dtype, recompute
     if compute_dtype != tf.float32:
         values = {name: tf.cast(value, compute_dtype) for name, value in values.items()}
     hidden = model.training_hidden(values, tokens, hparams=hparams, recompute=recompute)
-    # Only positions that have a next token are scored: [batch * (n_ctx - 1), n_embd].
-    flat = tf.reshape(hidden[:, :-1], [-1, hparams.n_embd])
+    # Every position is scored, [batch * n_ctx, n_embd]; the last has no next token, so its
+    # target is a placeholder of weight 0. (Slicing it off instead would cost the gradient
+    # of the slice: a padded copy of the hidden states.)
+    flat = tf.reshape(hidden, [-1, hparams.n_embd])
     logits = tf.matmul(flat, values[f'{model.SCOPE}/wte'], transpose_b=True)
+    targets = tf.concat([tokens[:, 1:], tokens[:, :1]], axis=1)
+    weights = tf.pad(weights, [[0, 0], [0, 1]])
+    # The cross-entropy (log-softmax) in float32 whatever the compute format.
     losses = tf.nn.sparse_softmax_cross_entropy_with_logits(
-        labels=tf.reshape(tokens[:, 1:], [-1]), logits=tf.cast(logits, tf.float32))
+        labels=tf.reshape(targets, [-1]), logits=tf.cast(logits, tf.float32))
     return tf.reduce_sum(losses * tf.reshape(weights, [-1]))
 
 
@@ -83,7 +88,9 @@ class Trainer:
                 for name, variable in self.variables.items()}
 
     def parameter_values(self):
-        return {name: self.tensors()[name] for name in self.param_names}
+        """Parameter name -> this worker's copy of its variable (the float32 master weights)."""
+        tensors = self.tensors()
+        return {name: tensors[name] for name in self.param_names}
 
     # -- inside one replica ------------------------------------------------------------
     def _micro_batch_loss(self, values, tokens, weights):
@@ -149,8 +156,10 @@ class Trainer:
         context = tf.distribute.get_replica_context()
         loss_sum, grads = context.all_reduce(tf.distribute.ReduceOp.SUM, (loss_sum, grads))
         loss = loss_sum / total_weight
-        finite = tf.reduce_all([tf.math.is_finite(loss)] +
-                               [tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        # A sum is finite exactly when its terms are (inf and NaN propagate), unless it
+        # overflows, which takes gradients near float32's limit: a step to skip as well.
+        # One summing pass over each gradient, where is_finite would write a mask of it.
+        finite = tf.math.is_finite(loss + tf.add_n([tf.reduce_sum(g) for g in grads]))
         context.merge_call(self._apply, args=(grads, learning_rate, finite))
         return loss, finite
 

@@ -21,6 +21,7 @@ from finetune.run_dir import (CHECKPOINT_NAME, STEP_VARIABLE, initial_values, lo
                               save_run_checkpoint, start_run_dir)
 from finetune.trainer import Trainer
 from model_dir import check_finite, load_model_dir, read_tensors
+from precision import resolve_precision
 
 
 def make_strategy(name):
@@ -113,16 +114,19 @@ def train_in(run_dir, args, strategy, *, chief):
             print(f'Nothing to do: {resume} is at step {resumed_step}, and the run stops at step '
                   f'{max_steps}; raise --max_steps (or --epochs) to train further', file=sys.stderr)
             return 0
+    # Announced here, after every check of the flags, data and run directory: an error
+    # before training stays the only line on stderr.
+    compute_precision = resolve_precision(args.precision)
     trainer = Trainer(hparams=base.hparams, optimizer=optimizer, strategy=strategy,
                       initial=initial_values(base, resume, optimizer),
-                      precision=args.precision, recompute=args.recompute, xla=args.xla)
+                      precision=compute_precision, recompute=args.recompute, xla=args.xla)
     config = LoopConfig(batch_size=args.batch_size, max_steps=max_steps,
                         learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
                         accumulate=args.accumulate_gradients, seed=args.seed,
                         save_every=args.save_every, val_every=args.val_every,
                         sample_every=args.sample_every if chief else 0,
                         max_bad_steps=args.max_bad_steps,
-                        dynamic_loss_scale=args.precision == 'float16')
+                        dynamic_loss_scale=compute_precision == 'float16')
     progress = Progress(start=trainer.step_number(), total=config.max_steps, enabled=chief,
                         tokens_per_step=args.batch_size * args.accumulate_gradients * base.hparams.n_ctx)
     if resume:

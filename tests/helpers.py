@@ -86,3 +86,18 @@ def wait_for_line(stream, fragment, timeout=120):
         if not line:
             break
     raise AssertionError(f'{fragment!r} not seen in {seen}')
+
+
+def pause_before_rename_to(name):
+    """A `start_run` prelude: the process prints 'PAUSED IN SAVE' and sleeps instead of renaming
+    a file to one ending in `name`, so that a test can kill it at that moment of a save."""
+    return f'''
+import os, time
+_replace = os.replace
+def _pausing_replace(src, dst):
+    if str(dst).endswith({name!r}):
+        print('PAUSED IN SAVE', flush=True)
+        time.sleep(600)
+    return _replace(src, dst)
+os.replace = _pausing_replace
+'''

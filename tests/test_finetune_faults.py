@@ -4,11 +4,7 @@ on one directory, killed and failed saves, full disks, bad flag values.
 Tiny models (conftest.TINY) and numpy datasets; main() in-process where the exit code and
 stderr need no process of their own.
 """
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -20,7 +16,7 @@ from conftest import EOT, TINY
 from finetune import data as data_module
 from finetune.loop import LoopConfig, train_loop
 from finetune.run_dir import lock_run_dir, saved_steps
-from helpers import REPO, assert_usage_error, run_script
+from helpers import assert_usage_error, pause_before_rename_to, finetune, run_script, start_run, wait_for_line
 from model_dir import NonFiniteTensorError, load_model_dir, read_tensors, save_checkpoint
 
 
@@ -28,11 +24,6 @@ from model_dir import NonFiniteTensorError, load_model_dir, read_tensors, save_c
 def dataset(tiny_dataset):
     """conftest's tiny_dataset: 800 tokens in two arrays, 13 sequences of 64."""
     return tiny_dataset
-
-
-def finetune(tmp_path, base, dataset, *args):
-    return run_finetune.main(['--dataset', str(dataset), '--base_model', str(base),
-                              '--checkpoint_dir', str(tmp_path), '--no-xla', *map(str, args)])
 
 
 def step_of(prefix):
@@ -128,27 +119,6 @@ def test_a_damaged_dataset_is_refused(tmp_path, tiny_model_dir, dataset):
 
 # -- the run directory -----------------------------------------------------------------
 
-def start_run(tmp_path, base, dataset, *args, prelude=''):
-    code = prelude + 'import cli, run_finetune; cli.run_main(run_finetune.main)'
-    return subprocess.Popen(
-        [sys.executable, '-c', code, '--dataset', str(dataset), '--base_model', str(base),
-         '--checkpoint_dir', str(tmp_path), '--no-xla', *map(str, args)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED='1'))
-
-
-def wait_for_line(stream, fragment, timeout=120):
-    deadline, seen = time.time() + timeout, []
-    while time.time() < deadline:
-        line = stream.readline()
-        seen.append(line)
-        if fragment in line:
-            return line
-        if not line:
-            break
-    raise AssertionError(f'{fragment!r} not seen in {seen}')
-
-
 def test_a_second_run_on_a_live_run_directory_refuses_and_deletes_nothing(tmp_path, tiny_model_dir, dataset):
     first = start_run(tmp_path, tiny_model_dir, dataset, '--max_steps', 100000, '--save_every', 2)
     try:
@@ -202,16 +172,7 @@ def test_a_damaged_index_alone_is_a_one_line_error(tmp_path, tiny_model_dir, dat
 
 
 # Saving step 1 of a fresh run: stop once the data file is in place, before the index is.
-PAUSE_IN_FIRST_SAVE = '''
-import os, time
-_replace = os.replace
-def _pausing_replace(src, dst):
-    if str(dst).endswith('model-1.index'):
-        print('PAUSED IN SAVE', flush=True)
-        time.sleep(600)
-    return _replace(src, dst)
-os.replace = _pausing_replace
-'''
+PAUSE_IN_FIRST_SAVE = pause_before_rename_to('model-1.index')
 
 
 def test_killed_in_the_first_save_the_next_run_starts_fresh(tmp_path, tiny_model_dir, dataset, capsys):

@@ -14,7 +14,7 @@ import tensorflow as tf
 import cli
 import model
 from conftest import TINY
-from helpers import assert_usage_error, finetune, load_script, run_script, start_run, wait_for_line
+from helpers import assert_usage_error, finetune, load_script, pause_before_rename_to, run_script, start_run, wait_for_line
 from model_dir import load_model_dir, read_tensors, save_model_dir
 
 
@@ -161,6 +161,7 @@ def test_usage_error_and_clean_stderr(tmp_path, tiny_model_dir, tiny_dataset):
                         '--checkpoint_dir', tmp_path, '--max_steps', 2, '--save_every', 0)
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
+    assert lines.pop(0).startswith('precision: ')  # what --precision auto chose, and why
     assert lines[0].startswith('[1 | ') and ' loss=' in lines[0] and ' avg=' in lines[0]
     assert lines[1].startswith('[2 | ')
     assert len(lines) == 3 and lines[2].startswith('Saving ')  # nothing from TensorFlow
@@ -179,16 +180,7 @@ def test_sigterm_saves_once_and_exits_cleanly(tmp_path, tiny_model_dir, tiny_dat
 
 # While saving step 4, after the data file is in place and before its index is: pause, so the
 # test can kill -9 the process at the most delicate moment of a save.
-PAUSE_IN_SAVE = '''
-import os, sys, time
-_replace = os.replace
-def _pausing_replace(src, dst):
-    if str(dst).endswith('model-4.index'):
-        print('PAUSED IN SAVE', flush=True)
-        time.sleep(600)
-    return _replace(src, dst)
-os.replace = _pausing_replace
-'''
+PAUSE_IN_SAVE = pause_before_rename_to('model-4.index')
 
 
 @pytest.mark.slow
