@@ -50,6 +50,7 @@ corpus._encode_chunk = _pausing
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('processes', [1, 2])
 def test_sigterm_removes_the_temporary_output(tmp_path, synthetic_vocab_dir, corpus, processes):
     dst = tmp_path / 'out.npz'
@@ -114,6 +115,7 @@ def test_an_unreadable_folder_is_skipped_on_request(tmp_path, synthetic_vocab_di
     assert [p.name for p in find_text_files(corpus, 'skip')] == ['0.txt', '1.txt', '2.txt']
 
 
+@pytest.mark.slow
 def test_a_folder_without_read_permission_really_is_reported():
     with public_temp_dir() as corpus:
         for name in ('readable', 'locked'):
@@ -160,6 +162,7 @@ def test_decode_of_what_is_not_token_arrays_is_one_line(tmp_path, synthetic_voca
     assert EXPECTED[case] in str(error.value) and '\n' not in str(error.value), str(error.value)
 
 
+@pytest.mark.slow
 def test_decode_errors_exit_2_without_a_traceback(tmp_path, synthetic_vocab_dir):
     for path in not_token_arrays(tmp_path).values():
         result = subprocess.run([sys.executable, '-m', 'encoder', '--decode', str(path), '--vocab',

@@ -408,6 +408,7 @@ print(fetch.fetch_model('gpt2ja-small', verify=verify, settings=settings))
 '''
 
 
+@pytest.mark.slow
 def test_two_processes_fetching_at_once_end_with_one_good_copy(server, release, tmp_path):
     serve(server, release)
     gate = server.gates[ARCHIVE_PATH] = threading.Event()  # holds the first download open
@@ -433,6 +434,7 @@ def test_two_processes_fetching_at_once_end_with_one_good_copy(server, release, 
     assert load_model_dir(tmp_path / NAME).hparams == SMALL and leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_downloading_leaves_a_part_that_the_next_run_resumes(server, release, tmp_path):
     serve(server, release)
     server.stalls[ARCHIVE_PATH] = threading.Event()
@@ -458,6 +460,7 @@ def test_ctrl_c_while_downloading_leaves_a_part_that_the_next_run_resumes(server
     assert load_model_dir(found).hparams == SMALL and leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_offline_with_nothing_cached_is_one_line_and_exit_2(tmp_path):
     env = {'GPT2JA_OFFLINE': '1', 'GPT2JA_HOME': str(tmp_path)}
     result = run_script('gpt2-score.py', '--model', NAME, '-', stdin='', env=env)
@@ -533,6 +536,7 @@ def test_the_fetch_command_fills_a_cache_that_works_offline(server, release, use
     assert load_model_dir(NAME).path == dest / NAME
 
 
+@pytest.mark.slow
 def test_the_fetch_command_has_help():
     result = run_script('gpt2-fetch.py', '--help')
     assert result.returncode == 0 and 'GPT2JA_MIRROR' in result.stdout and '--dest' in result.stdout

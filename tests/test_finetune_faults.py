@@ -53,6 +53,7 @@ def test_a_non_finite_tensor_is_never_saved(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_huge_learning_rate_saves_nothing_broken_and_claims_no_good_step(
         tmp_path, tiny_model_dir, dataset, capsys):
     # The first update already ruins the weights; every later loss is NaN.
@@ -68,6 +69,7 @@ def test_a_huge_learning_rate_saves_nothing_broken_and_claims_no_good_step(
         assert all_finite(str(run_dir / f'model-{step}'))
 
 
+@pytest.mark.slow
 def test_weights_made_infinite_by_an_update_are_not_saved(tmp_path, tiny_model_dir, dataset, capsys):
     # Adam's first step scales the rate by sqrt(1 - 0.98) / (1 - 0.9) = 1.41: 3e38 overflows
     # float32 in the update itself, and the weights hold infinities.
@@ -107,6 +109,7 @@ def test_the_good_step_is_the_newest_save_that_then_gave_a_finite_loss(dataset):
 
 # -- the dataset -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_damaged_dataset_is_refused(tmp_path, tiny_model_dir, dataset):
     damaged = tmp_path / 'damaged.npz'
     data = bytearray(dataset.read_bytes())
@@ -119,6 +122,7 @@ def test_a_damaged_dataset_is_refused(tmp_path, tiny_model_dir, dataset):
 
 # -- the run directory -----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_run_on_a_live_run_directory_refuses_and_deletes_nothing(tmp_path, tiny_model_dir, dataset):
     first = start_run(tmp_path, tiny_model_dir, dataset, '--max_steps', 100000, '--save_every', 2)
     try:
@@ -143,6 +147,7 @@ def test_the_lock_is_released_when_the_run_ends(tmp_path):
         pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('damage', ['truncate', 'flip'])
 def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, tiny_model_dir, dataset, capsys, damage):
     assert finetune(tmp_path, tiny_model_dir, dataset, '--max_steps', 4, '--save_every', 2) == 0
@@ -163,6 +168,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, tiny_model_
     assert step_of(load_model_dir(run_dir).checkpoint) == 6
 
 
+@pytest.mark.slow
 def test_a_damaged_index_alone_is_a_one_line_error(tmp_path, tiny_model_dir, dataset):
     assert finetune(tmp_path, tiny_model_dir, dataset, '--max_steps', 1) == 0
     index = tmp_path / 'gpt2ja_finetune' / 'model-1.index'
@@ -175,6 +181,7 @@ def test_a_damaged_index_alone_is_a_one_line_error(tmp_path, tiny_model_dir, dat
 PAUSE_IN_FIRST_SAVE = pause_before_rename_to('model-1.index')
 
 
+@pytest.mark.slow
 def test_killed_in_the_first_save_the_next_run_starts_fresh(tmp_path, tiny_model_dir, dataset, capsys):
     process = start_run(tmp_path, tiny_model_dir, dataset, '--max_steps', 3, '--save_every', 1,
                         prelude=PAUSE_IN_FIRST_SAVE)
@@ -191,6 +198,7 @@ def test_killed_in_the_first_save_the_next_run_starts_fresh(tmp_path, tiny_model
     assert step_of(load_model_dir(run_dir).checkpoint) == 2
 
 
+@pytest.mark.slow
 def test_a_failed_save_leaves_the_previous_checkpoints_and_no_temporary(tmp_path, tiny_model_dir, dataset,
                                                                        monkeypatch):
     assert finetune(tmp_path, tiny_model_dir, dataset, '--max_steps', 2, '--save_every', 2) == 0
@@ -211,6 +219,7 @@ def test_a_failed_save_leaves_the_previous_checkpoints_and_no_temporary(tmp_path
 
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_save_is_one_line(tmp_path, tiny_model_dir, dataset, small_disk):
     tiny_filesystem = small_disk('size=5m')  # room for the vocabulary and one small checkpoint
     # With Adam, three copies of the weights: about 1.7 MiB a checkpoint for this model.
@@ -232,6 +241,7 @@ def test_a_full_disk_during_a_save_is_one_line(tmp_path, tiny_model_dir, dataset
     assert step_of(load_model_dir(run_dir).checkpoint) == steps[-1]
 
 
+@pytest.mark.slow
 def test_a_disk_too_full_for_the_vocabulary_leaves_no_partial_copy(real_vocab_model_dir, dataset, small_disk):
     disk = small_disk('size=64k')  # the released ja-bpe.txt is twice that
     result = run_script('run_finetune.py', '--dataset', dataset, '--base_model', real_vocab_model_dir,
@@ -241,6 +251,7 @@ def test_a_disk_too_full_for_the_vocabulary_leaves_no_partial_copy(real_vocab_mo
     assert not list((disk / 'gpt2ja_finetune').glob('.tmp-*'))
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_says_there_is_nothing_to_do(tmp_path, tiny_model_dir, dataset, capsys):
     assert finetune(tmp_path, tiny_model_dir, dataset, '--max_steps', 2) == 0
     capsys.readouterr()
@@ -249,6 +260,7 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_do(tmp_path, tiny_mode
     assert 'Nothing to do' in err and 'at step 2' in err and '--max_steps' in err
 
 
+@pytest.mark.slow
 def test_a_checkpoint_dir_that_is_a_file_is_one_line(tmp_path, tiny_model_dir, dataset):
     (tmp_path / 'file').write_text('x')
     result = run_script('run_finetune.py', '--dataset', dataset, '--base_model', tiny_model_dir,
@@ -258,6 +270,7 @@ def test_a_checkpoint_dir_that_is_a_file_is_one_line(tmp_path, tiny_model_dir, d
         finetune(tmp_path / 'file' / 'below', tiny_model_dir, dataset, '--max_steps', 1)
 
 
+@pytest.mark.slow
 def test_a_read_only_checkpoint_dir_is_one_line(tmp_path, tiny_model_dir, dataset, monkeypatch):
     # Tests run as root, who may write anywhere: the refusal is simulated at mkdir.
     def refuse(self, *args, **kwargs):
@@ -267,6 +280,7 @@ def test_a_read_only_checkpoint_dir_is_one_line(tmp_path, tiny_model_dir, datase
         finetune(tmp_path / 'read-only', tiny_model_dir, dataset, '--max_steps', 1)
 
 
+@pytest.mark.slow
 def test_a_read_only_disk_as_checkpoint_dir_is_one_line(tiny_model_dir, dataset, small_disk):
     disk = small_disk('size=64k,ro')
     result = run_script('run_finetune.py', '--dataset', dataset, '--base_model', tiny_model_dir,

@@ -64,6 +64,7 @@ def test_an_error_in_the_input_comes_after_the_items_before_it():
     assert results == ['A', 'B']
 
 
+@pytest.mark.slow
 def test_score_script_answers_a_line_while_the_pipe_is_still_open(tiny_model_dir):
     process = subprocess.Popen(
         [sys.executable, 'gpt2-score.py', '--model', str(tiny_model_dir), '--gpu', '-1', '-'],

@@ -27,6 +27,7 @@ def score_main():
     return load_script('gpt2-score.py').main
 
 
+@pytest.mark.slow
 def test_a_model_directory_without_read_permission_is_one_line(tiny_model_dir):
     with public_temp_dir() as parent:
         locked = parent / 'model'
@@ -36,6 +37,7 @@ def test_a_model_directory_without_read_permission_is_one_line(tiny_model_dir):
     assert 'cannot read the model directory' in message and 'permission denied' in message, message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('script', ['gpt2-transform.py', 'gpt2-generate.py'])
 def test_an_undecodable_context_is_one_line(tiny_model_dir, script):
     result = subprocess.run([sys.executable, script, '--model', str(tiny_model_dir), '--gpu', '-1',
@@ -43,6 +45,7 @@ def test_an_undecodable_context_is_one_line(tiny_model_dir, script):
     assert_usage_error(result, '--context is not valid UTF-8', 'byte 0xff at character 4')
 
 
+@pytest.mark.slow
 def test_score_to_a_full_disk_is_one_line(tiny_model_dir):
     with open('/dev/full', 'w') as full:
         result = subprocess.run([sys.executable, 'gpt2-score.py', '--model', str(tiny_model_dir),
@@ -51,6 +54,7 @@ def test_score_to_a_full_disk_is_one_line(tiny_model_dir):
     assert_usage_error(result, 'cannot write the results to standard output', 'No space left on device')
 
 
+@pytest.mark.slow
 def test_score_with_stdout_closed_is_one_line(tiny_model_dir):
     result = subprocess.run([sys.executable, 'gpt2-score.py', '--model', str(tiny_model_dir), '-'],
                             cwd=REPO, input='猫\n', stderr=subprocess.PIPE, text=True,
@@ -59,6 +63,7 @@ def test_score_with_stdout_closed_is_one_line(tiny_model_dir):
 
 
 
+@pytest.mark.slow
 def test_transform_output_on_a_read_only_disk_is_refused_first(tmp_path, tiny_model_dir, small_disk):
     disk = small_disk('size=64k,ro')
     lines = tmp_path / 'texts.txt'
@@ -68,6 +73,7 @@ def test_transform_output_on_a_read_only_disk_is_refused_first(tmp_path, tiny_mo
     assert_usage_error(result, '--output', 'cannot create files in', 'Read-only file system')
 
 
+@pytest.mark.slow
 def test_transform_output_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, tiny_model_dir, small_disk):
     disk = small_disk('size=8k')
     lines = tmp_path / 'texts.txt'
@@ -78,6 +84,7 @@ def test_transform_output_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path
     assert list(disk.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_generate_output_file_that_cannot_be_written_is_refused_before_loading(tmp_path, small_disk):
     disk = small_disk('size=64k,ro')
     # The model does not exist: the output is checked first.
@@ -86,6 +93,7 @@ def test_generate_output_file_that_cannot_be_written_is_refused_before_loading(t
     assert_usage_error(result, '--output_file', 'Read-only file system')
 
 
+@pytest.mark.slow
 def test_an_output_file_in_a_directory_nobody_may_write_is_refused():
     with public_temp_dir() as parent:
         message = in_child_as_nobody(lambda: cli.check_output_file('--output', parent / 'v.npy'))
@@ -128,6 +136,7 @@ def screen(output):
     return lines + [''.join(line).rstrip()]
 
 
+@pytest.mark.slow
 def test_score_results_and_the_bar_do_not_mix_on_a_terminal(tmp_path, tiny_model_dir):
     texts = tmp_path / 'texts.txt'
     texts.write_text(''.join(f'猫{i}\n' for i in range(80)), encoding='utf-8')  # a bar: > 50 lines
@@ -169,6 +178,7 @@ def test_a_gpu_asked_for_but_missing_is_one_note(tiny_model_dir, score_main, tmp
         assert capsys.readouterr().err == ''
 
 
+@pytest.mark.slow
 def test_the_encoder_bench_describes_itself_in_full():
     result = subprocess.run([sys.executable, 'bench/bench_encoder.py', '--help'], cwd=REPO,
                             capture_output=True, text=True)
