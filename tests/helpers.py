@@ -88,6 +88,17 @@ def wait_for_line(stream, fragment, timeout=120):
     raise AssertionError(f'{fragment!r} not seen in {seen}')
 
 
+def kill_while_saving(checkpoint_dir, base, dataset, index_name, *args):
+    """Start run_finetune.py (`start_run`), let it pause where a save renames a file to one
+    ending in `index_name` (the data file is in place, the index is not), and kill -9 it."""
+    process = start_run(checkpoint_dir, base, dataset, *args, prelude=pause_before_rename_to(index_name))
+    try:
+        wait_for_line(process.stdout, 'PAUSED IN SAVE')
+    finally:
+        process.kill()
+        process.communicate(timeout=60)
+
+
 def pause_before_rename_to(name):
     """A `start_run` prelude: the process prints 'PAUSED IN SAVE' and sleeps instead of renaming
     a file to one ending in `name`, so that a test can kill it at that moment of a save."""

@@ -16,7 +16,7 @@ from conftest import EOT, TINY
 from finetune import data as data_module
 from finetune.loop import LoopConfig, train_loop
 from finetune.run_dir import lock_run_dir, saved_steps
-from helpers import assert_usage_error, pause_before_rename_to, finetune, run_script, start_run, wait_for_line
+from helpers import assert_usage_error, finetune, kill_while_saving, run_script, start_run, wait_for_line
 from model_dir import NonFiniteTensorError, load_model_dir, read_tensors, save_checkpoint
 
 
@@ -177,19 +177,9 @@ def test_a_damaged_index_alone_is_a_one_line_error(tmp_path, tiny_model_dir, dat
         finetune(tmp_path, tiny_model_dir, dataset, '--max_steps', 2)
 
 
-# Saving step 1 of a fresh run: stop once the data file is in place, before the index is.
-PAUSE_IN_FIRST_SAVE = pause_before_rename_to('model-1.index')
-
-
 @pytest.mark.slow
 def test_killed_in_the_first_save_the_next_run_starts_fresh(tmp_path, tiny_model_dir, dataset, capsys):
-    process = start_run(tmp_path, tiny_model_dir, dataset, '--max_steps', 3, '--save_every', 1,
-                        prelude=PAUSE_IN_FIRST_SAVE)
-    try:
-        wait_for_line(process.stdout, 'PAUSED IN SAVE')
-    finally:
-        process.kill()
-        process.communicate(timeout=60)
+    kill_while_saving(tmp_path, tiny_model_dir, dataset, 'model-1.index', '--max_steps', 3, '--save_every', 1)
     run_dir = tmp_path / 'gpt2ja_finetune'
     assert list(run_dir.glob('.tmp-*'))
     assert finetune(tmp_path, tiny_model_dir, dataset, '--max_steps', 2) == 0

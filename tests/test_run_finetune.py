@@ -14,7 +14,7 @@ import tensorflow as tf
 import cli
 import model
 from conftest import TINY
-from helpers import assert_usage_error, finetune, load_script, pause_before_rename_to, run_script, start_run, wait_for_line
+from helpers import assert_usage_error, finetune, kill_while_saving, load_script, run_script, start_run, wait_for_line
 from model_dir import load_model_dir, read_tensors, save_model_dir
 
 
@@ -178,20 +178,11 @@ def test_sigterm_saves_once_and_exits_cleanly(tmp_path, tiny_model_dir, tiny_dat
     assert step >= 3
 
 
-# While saving step 4, after the data file is in place and before its index is: pause, so the
-# test can kill -9 the process at the most delicate moment of a save.
-PAUSE_IN_SAVE = pause_before_rename_to('model-4.index')
-
-
 @pytest.mark.slow
 def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path, tiny_model_dir, tiny_dataset, capsys):
-    process = start_run(tmp_path, tiny_model_dir, tiny_dataset, '--max_steps', 6, '--save_every', 2,
-                        '--seed', 1, prelude=PAUSE_IN_SAVE)
-    try:
-        wait_for_line(process.stdout, 'PAUSED IN SAVE')
-    finally:
-        process.kill()
-        process.communicate(timeout=30)
+    # Killed while saving step 4, after the data file is in place and before its index is.
+    kill_while_saving(tmp_path, tiny_model_dir, tiny_dataset, 'model-4.index',
+                      '--max_steps', 6, '--save_every', 2, '--seed', 1)
     run_dir = tmp_path / 'gpt2ja_finetune'
     assert list(run_dir.glob('model-4.data-*'))  # the half-written checkpoint is there...
     assert load_model_dir(run_dir).checkpoint.endswith('model-2')  # ...but the previous one loads
