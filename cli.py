@@ -228,15 +228,18 @@ def check_text_argument(flag, value):
                          f'{exc.start + 1}); give the text in UTF-8') from None
 
 
-def check_output_file(flag, path):
+def check_output_file(flag, path, *, keep_existing=False):
     """Refuse before any work an output file that could not be written at the end: a folder,
-    a missing directory, a directory where no file can be created (read-only, no permission)."""
+    a missing directory, a directory where no file can be created (read-only, no permission);
+    with `keep_existing`, also a file that is already there (--overwrite replaces it)."""
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise UsageError(f'{flag} {path} is a directory; give a file name')
     if not os.path.isdir(parent):
         raise UsageError(f'{flag} {path}: the directory {parent} does not exist')
+    if keep_existing and os.path.exists(path):
+        raise UsageError(f'{flag} {path} exists; pass --overwrite to replace it')
     try:
         with tempfile.TemporaryFile(dir=parent):
             pass

@@ -58,8 +58,7 @@ def main(argv=None):
     from model_dir import load_model_dir
 
     if args.output is not None:
-        streams.check_output_path(args.output, overwrite=args.overwrite)
-        cli.check_output_file('--output', args.output)
+        cli.check_output_file('--output', args.output, keep_existing=not args.overwrite)
     name = '--context' if args.input is None else streams.input_name(args.input)
     with contextlib.nullcontext() if args.input is None else streams.open_binary(args.input) as stream:
         loaded = load_model_dir(args.model, vocab_dir=args.vocab)

@@ -1,6 +1,6 @@
 """The batch scripts' input and its flags: text read one line at a time, lazily, from a file
-or stdin with line-numbered errors; progress on stderr; --batch_size and --errors; checks of
-an --output path before any work starts. (Writing the output files: files.py.)
+or stdin with line-numbered errors; progress on stderr; --batch_size and --errors. (Checking
+an output path before any work: cli.check_output_file; writing output files: files.py.)
 
 Lines are split as Python's text mode splits them (\\n, \\r\\n or \\r), so scripts see the same
 lines as the original's `for line in open(file)`. Bytes that are not UTF-8 are a one-line
@@ -9,7 +9,6 @@ UsageError naming the line (`errors='strict'`) or become U+FFFD (`errors='replac
 import contextlib
 import re
 import sys
-from pathlib import Path
 
 from cli import UsageError
 
@@ -112,13 +111,3 @@ def progress_bar(path, *, unit='line'):
     show = total is not None and total > SCREENFUL and sys.stderr.isatty()
     return tqdm(total=total, unit=unit, file=sys.stderr, disable=not show, dynamic_ncols=True)
 
-
-def check_output_path(path, *, overwrite=False):
-    """Refuse before any work starts what would fail or destroy data at the end."""
-    path = Path(path)
-    if path.is_dir():
-        raise UsageError(f'--output {path} is a directory; give a file name such as vectors.npy')
-    if not path.parent.is_dir():
-        raise UsageError(f'--output {path}: the directory {path.parent} does not exist')
-    if path.exists() and not overwrite:
-        raise UsageError(f'--output {path} exists; pass --overwrite to replace it')
