@@ -146,8 +146,12 @@ def checkpoint_shapes(prefix):
         reader = tf.train.load_checkpoint(prefix)
         return {name: tuple(shape) for name, shape in reader.get_variable_to_shape_map().items()}
     except (tf.errors.OpError, ValueError, IndexError, OSError) as exc:
-        raise ModelDirError(f'checkpoint {prefix} is unreadable (truncated or corrupt?): '
-                            f'{_first_line(exc)}') from None
+        raise unreadable(prefix, exc) from None
+
+
+def unreadable(prefix, exc):
+    """The error for a checkpoint whose files cannot be read back."""
+    return ModelDirError(f'checkpoint {prefix} is unreadable (truncated or corrupt?): {_first_line(exc)}')
 
 
 def _first_line(exc):
@@ -237,8 +241,7 @@ def read_parameters(prefix, hparams):
         return {name: reader.get_tensor(name).astype(np.float32, copy=False)
                 for name in parameter_shapes(hparams)}
     except (tf.errors.OpError, ValueError, IndexError, OSError) as exc:
-        raise ModelDirError(f'checkpoint {prefix} is unreadable (truncated or corrupt?): '
-                            f'{_first_line(exc)}') from None
+        raise unreadable(prefix, exc) from None
 
 
 def parameter_loaders(prefix, hparams):
@@ -253,16 +256,14 @@ def tensor_loaders(prefix, names):
     try:
         dtypes = tf.train.load_checkpoint(prefix).get_variable_to_dtype_map()
     except (tf.errors.OpError, ValueError, IndexError, OSError) as exc:
-        raise ModelDirError(f'checkpoint {prefix} is unreadable (truncated or corrupt?): '
-                            f'{_first_line(exc)}') from None
+        raise unreadable(prefix, exc) from None
 
     def load(name):
         try:
             tensor, = tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=[name], shape_and_slices=[''],
                                            dtypes=[dtypes[name]])
         except (tf.errors.OpError, ValueError) as exc:
-            raise ModelDirError(f'checkpoint {prefix} is unreadable (truncated or corrupt?): '
-                                f'{_first_line(exc)}') from None
+            raise unreadable(prefix, exc) from None
         return tensor
     return {name: (lambda name=name: load(name)) for name in names}
 
