@@ -151,10 +151,11 @@ def checkpoint_shapes(prefix):
 
 def unreadable(prefix, exc):
     """The error for a checkpoint whose files cannot be read back."""
-    return ModelDirError(f'checkpoint {prefix} is unreadable (truncated or corrupt?): {_first_line(exc)}')
+    return ModelDirError(f'checkpoint {prefix} is unreadable (truncated or corrupt?): {first_line(exc)}')
 
 
-def _first_line(exc):
+def first_line(exc):
+    """The first line of an error's message (TensorFlow's run to many), or its type's name."""
     text = getattr(exc, 'message', None) or str(exc)
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
@@ -164,7 +165,7 @@ def _reason(exc):
     without the file names and op names TensorFlow wraps around it."""
     if isinstance(exc, OSError):
         return exc.strerror or str(exc)
-    text = re.sub(r'\s*\[Op:\w+\]\s*$', '', _first_line(exc))
+    text = re.sub(r'\s*\[Op:\w+\]\s*$', '', first_line(exc))
     return text.rsplit('; ', 1)[-1].strip()
 
 

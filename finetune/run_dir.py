@@ -22,7 +22,7 @@ from pathlib import Path
 
 import model
 from cli import UsageError
-from model_dir import (TEMP_PREFIX, CheckpointWriteError, ModelDirError, checkpoint_shapes, copy_vocab,
+from model_dir import (TEMP_PREFIX, CheckpointWriteError, ModelDirError, checkpoint_shapes, copy_vocab, first_line,
                        parameter_loaders, resolve_hparams, save_checkpoint, tensor_loaders,
                        write_checkpoint_state, write_hparams)
 from files import write_text_atomic
@@ -102,8 +102,7 @@ def checkpoint_problem(prefix):
         for name in reader.get_variable_to_shape_map():
             reader.get_tensor(name)  # one tensor at a time: memory of the largest only
     except (tf.errors.OpError, ValueError, IndexError, OSError) as exc:
-        text = (getattr(exc, 'message', None) or str(exc)).strip()
-        return text.splitlines()[0] if text else type(exc).__name__
+        return first_line(exc)
     return None
 
 
