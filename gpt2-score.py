@@ -51,8 +51,7 @@ def main(argv=None):
         texts = (line.strip() for line in streams.read_lines(stream, name=name, errors=args.errors))
         scored = scoring.score_texts(runner, encoder, (text for text in texts if text),
                                      exclude_end=args.exclude_end,
-                                     batch_size=args.batch_size,
-                                     read_ahead=streams.read_ahead_for(args.input_file))
+                                     batch_size=args.batch_size)
         token_text = lambda token: encoder.decode([token])  # as the original printed tokens
         count = 0
         with streams.progress_bar(args.input_file) as progress:

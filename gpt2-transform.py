@@ -69,8 +69,7 @@ def main(argv=None):
         else:
             texts = numbered_texts(streams.read_lines(stream, name=name, errors=args.errors), name)
         vectors = scoring.transform_texts(runner, loaded.load_encoder(), texts, pooling=args.pooling,
-                                          batch_size=args.batch_size,
-                                          read_ahead=streams.read_ahead_for(args.input))
+                                          batch_size=args.batch_size)
         with streams.progress_bar(args.input) as progress:
             count = write_vectors(_counted(vectors, progress), args.output, progress=progress)
     if count == 0:

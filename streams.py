@@ -37,12 +37,6 @@ def check_batch_flags(args):
         raise UsageError(f'--batch_size must be at least 1, not {args.batch_size}')
 
 
-def read_ahead_for(path):
-    """Texts to read before the first batch runs: one at a time when a person is typing
-    into stdin (each answer comes back at once), else the batching default."""
-    return 1 if path == STDIN and sys.stdin.isatty() else None
-
-
 def input_name(path):
     return 'stdin' if path == STDIN else path
 
