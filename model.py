@@ -267,17 +267,39 @@ def forward(params, tokens, *, hparams):
 class KVCache:
     """Each layer's keys and values of the tokens seen so far, for one batch of rows.
 
-    One variable a layer, [2 (keys, values), batch, heads, n_ctx (slots), head_size]:
+    One variable a layer, [2 (keys, values), batch, heads, capacity (slots), head_size]:
     attention's own layout, so the slots read feed its matmuls untransposed. Variables,
     because they are written in place: a step writes one token's keys and values, where a
     tensor passed in and out would be copied whole every step.
+
+    The slot axis holds what the text needs, not the whole window: `capacity` slots (n_ctx
+    unless `slots` says fewer), grown by `reserve` between calls. The variables declare that
+    axis of unknown size, so a function traced against the cache reads and writes the grown
+    variables without being traced again.
     """
 
-    def __init__(self, hparams, *, batch_size, dtype=tf.float32):
-        self.batch_size, self.n_head = batch_size, hparams.n_head
-        shape = [2, batch_size, hparams.n_head, hparams.n_ctx, hparams.head_size]
-        self.layers = [tf.Variable(tf.zeros(shape, dtype), trainable=False, name=f'kv_cache_h{layer}')
+    def __init__(self, hparams, *, batch_size, dtype=tf.float32, slots=None):
+        self.batch_size, self.n_head, self.n_ctx = batch_size, hparams.n_head, hparams.n_ctx
+        self.capacity = hparams.n_ctx if slots is None else grown_capacity(0, slots, n_ctx=hparams.n_ctx)
+        shape = [2, batch_size, hparams.n_head, self.capacity, hparams.head_size]
+        any_capacity = tf.TensorShape(shape[:3] + [None] + shape[4:])
+        self.layers = [tf.Variable(tf.zeros(shape, dtype), shape=any_capacity, trainable=False,
+                                   name=f'kv_cache_h{layer}')
                        for layer in range(hparams.n_layer)]
+
+    def reserve(self, slots):
+        """Make room for slots [0, slots) (at most n_ctx), keeping the filled ones. Eager only:
+        a traced function cannot change the variables' sizes."""
+        if slots <= self.capacity:
+            return
+        if slots > self.n_ctx:
+            raise ValueError(f'{slots} cache slots asked for; the window has {self.n_ctx}')
+        capacity = grown_capacity(self.capacity, slots, n_ctx=self.n_ctx)
+        grow = [[0, 0]] * 3 + [[0, capacity - self.capacity]] + [[0, 0]]
+        # One layer at a time: the old and the new copy of a single layer are alive together.
+        for variable in self.layers:
+            variable.assign(tf.pad(variable, grow))
+        self.capacity = capacity
 
     def attentions(self, start, length, first_slot):
         """One `attention` of `block` a layer, for `length` new tokens at slots
@@ -306,6 +328,14 @@ class KVCache:
                 return merge_heads(attend(q_k_v[0], k, v, mask))
             return attention
         return [attention_of(variable) for variable in self.layers]
+
+
+def grown_capacity(capacity, slots, *, n_ctx):
+    """The cache capacity that holds `slots` slots: at least twice the current `capacity`
+    (so a growing text is copied O(log n_ctx) times), a multiple of n_ctx / 16 rounded up
+    (so short texts take a few sizes), at most n_ctx."""
+    unit = -(-n_ctx // 16)
+    return min(n_ctx, max(2 * capacity, -(-slots // unit) * unit))
 
 
 def run_blocks(params, x, attentions):
@@ -348,7 +378,8 @@ def forward_cached(params, tokens, *, hparams, cache, start, first_slot=None, bl
     """Run the network on new tokens against a key/value cache; logits [batch, n_vocab] of
     each row's last new token.
 
-    tokens: int [batch, seq], placed at cache slots [start, start + seq) (start + seq <= n_ctx);
+    tokens: int [batch, seq], placed at cache slots [start, start + seq) (start + seq at most
+      the cache's capacity: see `KVCache.reserve`);
       a token costs one token's work whatever the length of the text before it;
     cache: a KVCache; first_slot: None or int [batch]: slots before it hold left padding in
       that row (rows with shorter contexts); its token at slot s has position s - first_slot;

@@ -4,8 +4,9 @@ Layers, from the bottom:
 - `filter_logits`, `top_k_filter`, `top_p_filter`, `suppress_token`: pure functions on
   logits [batch, vocab] that set excluded tokens to -inf (the original's rules: temperature
   divides the logits; top_p > 0 takes precedence over top_k; 0 disables each);
-- `BatchSampler`: the compiled per-token step for one batch size, holding a preallocated
-  key/value cache (`model.forward_cached`), so each new token costs one token's work;
+- `BatchSampler`: the compiled per-token step for one batch size, holding a key/value
+  cache (`model.forward_cached`) that grows with the text, so each new token costs one
+  token's work;
 - `sample_batch`: continuations of a batch of contexts, each row stopping at end-of-text,
   at a token budget, at the end of the window, or when the caller says it has enough;
 - `generate`: the simple entry point (token ids in, token ids out) for other modules;
@@ -112,7 +113,8 @@ class BatchSampler:
     the network and samples each row's first token; `step(tokens, slot)` feeds the previous
     tokens at cache slot `slot` and samples the next. A step attends over the slots filled so
     far only, so its cost hardly grows with the text. The contexts and the steps go through
-    one traced function ([batch, any length] tokens), traced once.
+    one traced function ([batch, any length] tokens), traced once. The cache holds the slots
+    that `start` expects the text to need and grows (`KVCache.reserve`) when a step needs more.
 
     params: `decoding_parameters(...)` (or anything it takes: then converted here).
     xla: compile the network's fixed-shape parts of a step with XLA (`model.CompiledBlocks`,
@@ -123,7 +125,7 @@ class BatchSampler:
         self.hparams, self.batch_size = hparams, batch_size
         self.settings, self.eot_id, self.rng = settings, eot_id, rng
         self.params = decoding_parameters(params)
-        self.cache = model.KVCache(hparams, batch_size=batch_size,
+        self.cache = model.KVCache(hparams, batch_size=batch_size, slots=0,
                                    dtype=self.params[model.WTE_TRANSPOSED].dtype)
         self._first_slot = tf.Variable(tf.zeros([batch_size], tf.int32), trainable=False)
         signature = [tf.TensorSpec([batch_size, None], tf.int32), tf.TensorSpec([], tf.int32),
@@ -143,10 +145,13 @@ class BatchSampler:
         s = self.settings
         return draw(filter_logits(logits, top_k=s.top_k, top_p=s.top_p, temperature=s.temperature), self.rng)
 
-    def start(self, contexts, no_eot):
+    def start(self, contexts, no_eot, *, new_tokens=None):
         """Left-pad `contexts` (lists of ids, 1..n_ctx long) to one length, fill the cache,
-        and sample the first tokens. Returns (first tokens [batch] numpy, next free slot)."""
+        and sample the first tokens. Returns (first tokens [batch] numpy, next free slot).
+        new_tokens: how many tokens the longest row may get, where known: the cache makes
+        room for them now rather than growing as they come."""
         length = max(len(c) for c in contexts)
+        self.cache.reserve(min(length + (new_tokens or 1), self.hparams.n_ctx))
         padded = np.zeros([self.batch_size, length], np.int32)
         first_slot = np.full([self.batch_size], length, np.int32)
         for row, context in enumerate(contexts):
@@ -157,6 +162,7 @@ class BatchSampler:
 
     def step(self, tokens, slot, no_eot):
         tokens = np.asarray(tokens, np.int32)[:, None]
+        self.cache.reserve(slot + 1)
         return self._step(tokens, np.int32(slot), np.asarray(no_eot)).numpy()
 
 
@@ -191,7 +197,9 @@ def sample_batch(sampler, contexts, *, max_tokens, generated_before=None, enough
         return np.array([reasons[r] is None and before[r] + len(outputs[r]) < min_length
                          for r in range(sampler.batch_size)])
 
-    tokens, slot = sampler.start(contexts, no_eot())
+    largest_budget = max(budgets)
+    tokens, slot = sampler.start(contexts, no_eot(),
+                                 new_tokens=None if math.isinf(largest_budget) else largest_budget)
     while True:
         for row in range(n_rows):
             if reasons[row] is None:

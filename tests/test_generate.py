@@ -35,6 +35,70 @@ def test_cached_step_gives_the_logits_of_recomputing_at_every_position():
             np.testing.assert_allclose(logits.numpy(), full[:, position], rtol=1e-4, atol=1e-5)
 
 
+def test_a_cache_grown_between_steps_keeps_its_slots_and_gives_the_logits_of_recomputing():
+    params = init_parameters(SMALL_VOCAB, seed=3)
+    tokens = np.random.default_rng(0).integers(0, SMALL_VOCAB.n_vocab, size=(2, 20))
+    full = forward(params, tokens, hparams=SMALL_VOCAB)['logits'].numpy()
+    cache = KVCache(SMALL_VOCAB, batch_size=2, slots=6)
+    forward_cached(params, tokens[:, :6], hparams=SMALL_VOCAB, cache=cache, start=0)
+    capacities = [cache.capacity]
+    for position in range(6, 20):
+        cache.reserve(position + 1)
+        capacities.append(cache.capacity)
+        logits = forward_cached(params, tokens[:, position:position + 1], hparams=SMALL_VOCAB,
+                                cache=cache, start=position)
+        np.testing.assert_allclose(logits.numpy(), full[:, position], rtol=1e-4, atol=1e-5)
+    # It doubles when full, and never passes the window.
+    assert sorted(set(capacities)) == [6, 12, 24]
+    cache.reserve(SMALL_VOCAB.n_ctx)
+    assert cache.capacity == SMALL_VOCAB.n_ctx == cache.layers[0].numpy().shape[3]
+    with pytest.raises(ValueError):
+        cache.reserve(SMALL_VOCAB.n_ctx + 1)
+
+
+def greedy_by_recomputing(params, context, count):
+    """`count` greedy tokens after `context`, each from the whole text run again (no cache),
+    end-of-text excluded."""
+    text = list(context)
+    for _ in range(count):
+        logits = forward(params, [text], hparams=SMALL_VOCAB)['logits'].numpy()[0, -1]
+        logits[EOT] = -np.inf
+        text.append(int(np.argmax(logits)))
+    return text[len(context):]
+
+
+@pytest.mark.parametrize('xla', [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_greedy_sampling_as_the_cache_grows_equals_recomputing_and_traces_the_step_once(xla):
+    params = init_parameters(SMALL_VOCAB, seed=10)
+    params['model/wte'] = params['model/wte'] * 12  # clear winners: no near-ties to flip
+    settings = sample.Settings(top_k=1, min_length=SMALL_VOCAB.n_ctx)  # no end-of-text
+    sampler = sample.BatchSampler(params, SMALL_VOCAB, batch_size=2, settings=settings, eot_id=EOT,
+                                  rng=sample.make_rng(0), xla=xla)
+    # Rows of 3 and 7 tokens (the first left-padded) until the window is full: the cache
+    # starts with room for the contexts and grows twice.
+    contexts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
+    results = sample.sample_batch(sampler, contexts, max_tokens=None)
+    for context, (tokens, reason) in zip(contexts, results):
+        assert reason == sample.WINDOW
+        assert tokens == greedy_by_recomputing(params, context, SMALL_VOCAB.n_ctx - 7 + 1)
+    assert sampler.cache.capacity == SMALL_VOCAB.n_ctx
+    # The same sampler's next round (as for a refeed) reads none of the first round's slots.
+    contexts = [[11, 12], [13]]
+    results = sample.sample_batch(sampler, contexts, max_tokens=5)
+    assert [tokens for tokens, _ in results] == [greedy_by_recomputing(params, c, 5) for c in contexts]
+    traced = {sampler._advance, sampler._step}
+    assert [function.experimental_get_tracing_count() for function in traced] == [1] * len(traced)
+
+
+def test_a_short_sample_keeps_a_small_cache():
+    params = init_parameters(TINY, seed=11)
+    sampler = sample.BatchSampler(params, TINY, batch_size=1, settings=sample.Settings(), eot_id=TINY.n_vocab - 1,
+                                  rng=sample.make_rng(0))
+    sample.sample_batch(sampler, [[1, 2, 3]], max_tokens=2)
+    assert sampler.cache.capacity < TINY.n_ctx / 4
+    assert sampler.cache.layers[0].numpy().shape == (2, 1, TINY.n_head, sampler.cache.capacity, TINY.head_size)
+
+
 def test_left_padded_rows_give_the_logits_of_their_own_context():
     params = init_parameters(SMALL_VOCAB, seed=4)
     short, long = [5, 6, 7], [1, 2, 3, 4, 5, 6]
