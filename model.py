@@ -272,10 +272,10 @@ class KVCache:
     because they are written in place: a step writes one token's keys and values, where a
     tensor passed in and out would be copied whole every step.
 
-    The slot axis holds what the text needs, not the whole window: `capacity` slots (n_ctx
-    unless `slots` says fewer), grown by `reserve` between calls. The variables declare that
-    axis of unknown size, so a function traced against the cache reads and writes the grown
-    variables without being traced again.
+    The slot axis holds what the text needs, not the whole window: `capacity` slots (the
+    window's n_ctx, or room for `slots` as `grown_capacity` rounds it), grown by `reserve`
+    between calls. The variables declare that axis of unknown size, so a function traced
+    against the cache reads and writes the grown variables without being traced again.
     """
 
     def __init__(self, hparams, *, batch_size, dtype=tf.float32, slots=None):
@@ -331,9 +331,10 @@ class KVCache:
 
 
 def grown_capacity(capacity, slots, *, n_ctx):
-    """The cache capacity that holds `slots` slots: at least twice the current `capacity`
-    (so a growing text is copied O(log n_ctx) times), a multiple of n_ctx / 16 rounded up
-    (so short texts take a few sizes), at most n_ctx."""
+    """The capacity to grow a cache of `capacity` slots to, to hold `slots`: `slots` rounded
+    up to a multiple of n_ctx / 16 (so short texts share a few sizes), at least twice
+    `capacity` (so a text that grows to fill the window is copied at most four times), at most
+    n_ctx."""
     unit = -(-n_ctx // 16)
     return min(n_ctx, max(2 * capacity, -(-slots // unit) * unit))
 
