@@ -82,3 +82,72 @@ def test_xla_is_spelled_the_same_in_every_script(script_name, required):
     assert parser.parse_args(required).xla is False
     assert parser.parse_args(required + ['--xla']).xla is True
     assert parser.parse_args(required + ['--xla', '--no-xla']).xla is False
+
+
+# --- parameters filled in the background while the functions are traced ------------------
+
+def test_loading_in_the_background_fills_the_decoders_variables(tiny_model_dir):
+    loaded = load_model_dir(tiny_model_dir)
+    loading = sample.start_loading_decoding_parameters(loaded)
+    loading.wait()
+    expected = sample.decoding_parameters(loaded.parameter_loaders())
+    assert list(loading.variables) == list(expected)  # the same names: wte only transposed
+    for name, variable in loading.variables.items():
+        np.testing.assert_array_equal(variable.numpy(), expected[name].numpy(), err_msg=name)
+
+
+@pytest.mark.parametrize('precision', ['float32', 'bfloat16'])
+def test_generation_is_the_same_with_the_weights_loaded_in_the_background(tiny_model_dir, precision):
+    loaded = load_model_dir(tiny_model_dir)
+    encoder = loaded.load_encoder()
+    settings = sample.Settings(top_k=5)
+
+    def texts(params, **ready):
+        samples = sample.generate_texts(params, loaded.hparams, encoder, [encoder.eot_id], num_samples=3,
+                                        max_length=20, settings=settings, batch_size=2, seed=7,
+                                        precision=precision, **ready)
+        return [(s.tokens, s.text) for s in samples]
+
+    loading = sample.start_loading_decoding_parameters(loaded, precision=precision)
+    assert texts(loading.variables, parameters_ready=loading.wait) == texts(loaded.parameter_loaders())
+
+
+@pytest.mark.parametrize('precision', ['float32', 'bfloat16'])
+def test_scores_and_vectors_are_the_same_with_the_weights_loaded_in_the_background(tiny_model_dir, precision):
+    import scoring
+    loaded = load_model_dir(tiny_model_dir)
+    encoder = loaded.load_encoder()
+    texts = ['猫が鳴く', 'あいうえお', '犬']
+    read_first = scoring.ModelRunner(loaded.parameter_loaders(), loaded.hparams, precision=precision)
+    results = []
+    for job in ('score', 'vectors'):
+        loading = loaded.start_loading(dtype=precision)
+        runner = scoring.ModelRunner(loading.variables, loaded.hparams, precision=precision,
+                                     parameters_ready=loading.wait)
+        if job == 'score':
+            got, want = (list(scoring.score_texts(r, encoder, texts)) for r in (runner, read_first))
+            results += [(a.logprobs, b.logprobs) for a, b in zip(got, want)]
+        else:
+            got, want = (list(scoring.transform_texts(r, encoder, texts)) for r in (runner, read_first))
+            results += list(zip(got, want))
+    for got, want in results:
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize('script_name, args', [
+    ('gpt2-generate.py', ['--num_generate', '1', '--max_length', '5', '--seed', '1']),
+    ('gpt2-score.py', ['-']),
+    ('gpt2-transform.py', ['--context', '猫']),
+])
+def test_a_damaged_checkpoint_is_still_one_line_with_background_loading(tmp_path, tiny_model_dir, capfd,
+                                                                        monkeypatch, script_name, args):
+    import io
+    import shutil
+    from helpers import assert_usage_error, run_as_script
+    damaged = tmp_path / 'model'
+    shutil.copytree(tiny_model_dir, damaged)
+    data = next(damaged.glob('model-0.data-*'))
+    data.write_bytes(data.read_bytes()[:1000])  # the index (shapes) reads; the weights do not
+    monkeypatch.setattr('sys.stdin', io.TextIOWrapper(io.BytesIO('猫\n'.encode())))
+    result = run_as_script(load_script(script_name).main, ['--model', damaged, *args], capfd)
+    assert_usage_error(result, 'unreadable')
