@@ -77,8 +77,10 @@ class Trainer:
         self.loss_scaling = precision == 'float16'
         self.param_names = list(model.parameter_shapes(hparams))
         self._filling = None
+        # The default strategy (no scope entered anywhere): one device, plain variables.
+        one_device = not tf.distribute.has_strategy() and self.strategy is tf.distribute.get_strategy()
         with self.strategy.scope():
-            if self.num_replicas == 1 and not tf.distribute.has_strategy():
+            if one_device:
                 specs = state_specs(hparams, optimizer)
                 self._filling = Filling({
                     name: (empty_variable(*specs[name], name=name.replace('/', '.')), make_value)

@@ -151,3 +151,49 @@ def test_a_damaged_checkpoint_is_still_one_line_with_background_loading(tmp_path
     monkeypatch.setattr('sys.stdin', io.TextIOWrapper(io.BytesIO('猫\n'.encode())))
     result = run_as_script(load_script(script_name).main, ['--model', damaged, *args], capfd)
     assert_usage_error(result, 'unreadable')
+
+
+@pytest.mark.parametrize('accumulate', [1, 2])
+def test_training_is_the_same_with_the_state_filled_while_the_step_traces(tiny_model_dir, tiny_dataset, accumulate):
+    import tensorflow as tf
+    from finetune.data import load_sequences
+    from finetune.optimizers import make_optimizer
+    from finetune.run_dir import initial_values
+    from finetune.trainer import Trainer
+    base = load_model_dir(tiny_model_dir)
+    data = load_sequences(tiny_dataset, n_ctx=TINY.n_ctx, n_vocab=TINY.n_vocab, pad_id=TINY.n_vocab - 1)
+    tokens, weights = data.batch([0, 1, 2, 3])
+    tokens, weights = tokens.reshape(accumulate, -1, TINY.n_ctx), weights.reshape(accumulate, -1, TINY.n_ctx - 1)
+
+    def train(strategy):
+        optimizer = make_optimizer('adam')
+        trainer = Trainer(hparams=TINY, optimizer=optimizer, strategy=strategy,
+                          initial=initial_values(base, None, optimizer))
+        trainer.trace_step(accumulate=accumulate, batch_size=tokens.shape[1])
+        losses = [trainer.train_step(tokens, weights, learning_rate=1e-3) for _ in range(2)]
+        return losses, {name: value.numpy() for name, value in trainer.tensors().items()}
+
+    # The default strategy fills its variables in the background; a one-device strategy
+    # creates them from their values, as before.
+    filled_losses, filled = train(None)
+    plain_losses, plain = train(tf.distribute.OneDeviceStrategy('/cpu:0'))
+    assert filled_losses == plain_losses
+    assert list(filled) == list(plain)
+    for name in plain:
+        np.testing.assert_array_equal(filled[name], plain[name], err_msg=name)
+
+
+def test_fine_tuning_from_a_damaged_checkpoint_is_one_line(tmp_path, tiny_model_dir, tiny_dataset, capfd):
+    import shutil
+    from helpers import run_as_script
+    damaged = tmp_path / 'model'
+    shutil.copytree(tiny_model_dir, damaged)
+    data = next(damaged.glob('model-0.data-*'))
+    data.write_bytes(data.read_bytes()[:1000])
+    result = run_as_script(load_script('run_finetune.py').main,
+                           ['--dataset', tiny_dataset, '--base_model', damaged, '--no-xla', '--max_steps', '1',
+                            '--checkpoint_dir', tmp_path / 'runs'], capfd)
+    # After the line announcing the precision: the error, as one line.
+    assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith('script: error: checkpoint')
+    assert 'unreadable' in result.stderr.strip().splitlines()[-1]
