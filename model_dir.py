@@ -8,6 +8,9 @@ the directory fully before any work starts and reports each problem as one line
   - usually the vocabulary (`ja-bpe.txt`, `emoji.json`), else found as encoder/vocab.py says.
 A released model's name or a model archive stands for its directory in the cache (fetch.py).
 
+`ModelDir.start_loading` gives the network's variables at once and fills them from the
+checkpoint on a background thread (`Filling`), so that a script traces its model meanwhile.
+
 `save_checkpoint` writes the same layout (used by fine-tuning and by the tests' tiny models),
 crash-safely: a checkpoint appears complete or not at all.
 """
@@ -308,17 +311,14 @@ class Filling:
     The thread is a daemon that stops between tensors when the process exits early (Ctrl-C,
     an error elsewhere), so it never holds the exit up."""
 
-    def __init__(self, fills, *, background=True):
+    def __init__(self, fills):
         self.variables = {name: variable for name, (variable, _) in fills.items()}
         self._values = [(variable, value) for variable, value in fills.values()]
         self._error = None
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._fill, name='parameter-filling', daemon=True)
-        if background:
-            atexit.register(self._stop)
-            self._thread.start()
-        else:
-            self._fill()
+        atexit.register(self._stop)
+        self._thread.start()
 
     def _fill(self):
         try:
@@ -336,9 +336,8 @@ class Filling:
         self._thread.join()
 
     def wait(self):
-        if self._thread.ident is not None:
-            self._thread.join()
-            atexit.unregister(self._stop)
+        self._thread.join()
+        atexit.unregister(self._stop)
         if self._error is not None:
             raise self._error
 
