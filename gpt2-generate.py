@@ -86,6 +86,7 @@ def main(argv=None):
         settings.check_window(loaded.hparams)
     except ValueError as exc:
         raise cli.UsageError(f'--{exc}') from None
+    loading = sample.start_loading_decoding_parameters(loaded, precision=compute_precision)
     encoder = loaded.load_encoder()
     context_tokens = encoder.encode(args.context or DEFAULT_CONTEXT)
     kept, dropped = sample.fit_context(context_tokens, loaded.hparams)
@@ -103,10 +104,10 @@ def main(argv=None):
         if streaming:
             on_text = shown.update
         samples = sample.generate_texts(
-            loaded.parameter_loaders(), loaded.hparams, encoder, kept,
+            loading.variables, loaded.hparams, encoder, kept,
             num_samples=args.num_generate, max_length=args.max_length, settings=settings,
             batch_size=args.batch_size, seed=args.seed, xla=args.xla, precision=compute_precision,
-            on_text=on_text, on_done=progress.finish_sample)
+            on_text=on_text, on_done=progress.finish_sample, parameters_ready=loading.wait)
     if streaming:
         shown.finish()
         return 0

@@ -45,9 +45,10 @@ def main(argv=None):
     name = streams.input_name(args.input_file)
     with streams.open_binary(args.input_file) as stream:
         loaded = load_model_dir(args.model, vocab_dir=args.vocab)
+        loading = loaded.start_loading(dtype=compute_precision)
         encoder = loaded.load_encoder()
-        runner = scoring.ModelRunner(loaded.parameter_loaders(), loaded.hparams,
-                                     precision=compute_precision)
+        runner = scoring.ModelRunner(loading.variables, loaded.hparams, precision=compute_precision,
+                                     parameters_ready=loading.wait)
         texts = (line.strip() for line in streams.read_lines(stream, name=name, errors=args.errors))
         scored = scoring.score_texts(runner, encoder, (text for text in texts if text),
                                      exclude_end=args.exclude_end,

@@ -62,8 +62,9 @@ def main(argv=None):
     name = '--context' if args.input is None else streams.input_name(args.input)
     with contextlib.nullcontext() if args.input is None else streams.open_binary(args.input) as stream:
         loaded = load_model_dir(args.model, vocab_dir=args.vocab)
-        runner = scoring.ModelRunner(loaded.parameter_loaders(), loaded.hparams,
-                                     precision=compute_precision)
+        loading = loaded.start_loading(dtype=compute_precision)
+        runner = scoring.ModelRunner(loading.variables, loaded.hparams, precision=compute_precision,
+                                     parameters_ready=loading.wait)
         if args.input is None:
             texts = [args.context]
         else:

@@ -8,14 +8,19 @@ the directory fully before any work starts and reports each problem as one line
   - usually the vocabulary (`ja-bpe.txt`, `emoji.json`), else found as encoder/vocab.py says.
 A released model's name or a model archive stands for its directory in the cache (fetch.py).
 
+`ModelDir.start_loading` gives the network's variables at once and fills them from the
+checkpoint on a background thread (`Filling`), so that a script traces its model meanwhile.
+
 `save_checkpoint` writes the same layout (used by fine-tuning and by the tests' tiny models),
 crash-safely: a checkpoint appears complete or not at all.
 """
+import atexit
 import dataclasses
 import json
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +59,23 @@ class ModelDir:
         loading the network one tensor at a time, so no second copy of the checkpoint sits
         beside the one being built."""
         return parameter_loaders(self.checkpoint, self.hparams)
+
+    def start_loading(self, *, dtype=tf.float32, transposed=None):
+        """The network's parameters as variables of `dtype`, created at once (shapes from the
+        checkpoint's index) and filled from the checkpoint by a background thread: the caller
+        traces the functions that read them meanwhile, then calls `wait()` before running
+        them. transposed: name -> new name of parameters held transposed under the new name.
+        Returns a `Filling` whose `variables` are name -> variable."""
+        dtype, transposed = tf.as_dtype(dtype), transposed or {}
+        loaders = self.parameter_loaders()
+        fills = {}
+        for name, shape in parameter_shapes(self.hparams).items():
+            load = lambda load=loaders[name]: tf.cast(load(), dtype)
+            if name in transposed:
+                name, shape = transposed[name], shape[::-1]
+                load = lambda load=load: tf.transpose(load())
+            fills[name] = (empty_variable(shape, dtype), load)
+        return Filling(fills)
 
     def load_encoder(self):
         from encoder import get_encoder
@@ -267,6 +289,57 @@ def tensor_loaders(prefix, names):
             raise unreadable(prefix, exc) from None
         return tensor
     return {name: (lambda name=name: load(name)) for name in names}
+
+
+def empty_variable(shape, dtype, *, name=None):
+    """A variable of `shape` and `dtype` without a value yet (reading it fails until it is
+    assigned one): a handle only, made in a fraction of the time a variable with a value
+    takes, and its first assignment adopts the value's memory instead of copying it. What
+    tf.saved_model's loader creates before restoring; not part of the public API."""
+    from tensorflow.python.ops.resource_variable_ops import UninitializedVariable
+    return UninitializedVariable(shape=shape, dtype=dtype, trainable=False, name=name)
+
+
+class Filling:
+    """Variables being written by a background thread while the caller goes on (tracing the
+    functions that read them): reading a checkpoint and copying tensors run in TensorFlow's
+    C++ code, which releases Python's lock, so on two cores the two truly overlap.
+
+    fills: name -> (variable, zero-argument function giving its value), filled in order,
+    one value alive at a time. `variables`: name -> variable. `wait()` returns once all are
+    filled, or raises what the filling raised (a ModelDirError for an unreadable checkpoint).
+    The thread is a daemon that stops between tensors when the process exits early (Ctrl-C,
+    an error elsewhere), so it never holds the exit up."""
+
+    def __init__(self, fills):
+        self.variables = {name: variable for name, (variable, _) in fills.items()}
+        self._values = [(variable, value) for variable, value in fills.values()]
+        self._error = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._fill, name='parameter-filling', daemon=True)
+        atexit.register(self._stop)
+        self._thread.start()
+
+    def _fill(self):
+        try:
+            for variable, value in self._values:
+                if self._stopping.is_set():
+                    return
+                variable.assign(value(), read_value=False)
+        except BaseException as exc:  # noqa: B036 -- raised in the caller's thread by wait()
+            self._error = exc
+        finally:
+            self._values = None
+
+    def _stop(self):
+        self._stopping.set()
+        self._thread.join()
+
+    def wait(self):
+        self._thread.join()
+        atexit.unregister(self._stop)
+        if self._error is not None:
+            raise self._error
 
 
 def read_tensors(prefix, names):

@@ -106,6 +106,13 @@ def decoding_parameters(params, *, precision='float32'):
     return model.decoding_parameters(params, dtype=tf.as_dtype(precision))
 
 
+def start_loading_decoding_parameters(loaded, *, precision='float32'):
+    """`decoding_parameters` of a model directory (`model_dir.ModelDir`), as variables filled
+    from its checkpoint in the background: pass `.variables` as the params and `.wait` as
+    `parameters_ready`, so that the step is traced while the weights are read."""
+    return loaded.start_loading(dtype=precision, transposed={f'{model.SCOPE}/wte': model.WTE_TRANSPOSED})
+
+
 class BatchSampler:
     """The compiled sampling step of one model for a fixed batch size.
 
@@ -119,10 +126,14 @@ class BatchSampler:
     params: `decoding_parameters(...)` (or anything it takes: then converted here).
     xla: compile the network's fixed-shape parts of a step with XLA (`model.CompiledBlocks`,
     compiled once per batch size; the contexts then take a second, plain traced function).
+    parameters_ready: called after tracing, before the first run (see
+    `start_loading_decoding_parameters`).
     """
 
-    def __init__(self, params, hparams, *, batch_size, settings, eot_id, rng, xla=False):
+    def __init__(self, params, hparams, *, batch_size, settings, eot_id, rng, xla=False,
+                 parameters_ready=None):
         self.hparams, self.batch_size = hparams, batch_size
+        self._parameters_ready = parameters_ready
         self.settings, self.eot_id, self.rng = settings, eot_id, rng
         self.params = decoding_parameters(params)
         self.cache = model.KVCache(hparams, batch_size=batch_size, slots=0,
@@ -158,6 +169,10 @@ class BatchSampler:
             padded[row, length - len(context):] = context
             first_slot[row] = length - len(context)
         self._first_slot.assign(first_slot)
+        if self._parameters_ready is not None:
+            self._advance.get_concrete_function()
+            self._parameters_ready()
+            self._parameters_ready = None
         return self._advance(padded, np.int32(0), np.asarray(no_eot)).numpy(), length
 
     def step(self, tokens, slot, no_eot):
@@ -277,7 +292,7 @@ MAX_LENGTH = 'max_length'
 
 def generate_texts(params, hparams, encoder, context_tokens, *, num_samples, max_length,
                    settings, batch_size=8, seed=None, xla=False, precision='float32', on_text=None,
-                   on_done=None):
+                   on_done=None, parameters_ready=None):
     """`num_samples` texts continuing `context_tokens`, sampled `batch_size` at a time.
 
     A sample ends at end-of-text or once it has `max_length` characters (its text is cut
@@ -287,7 +302,8 @@ def generate_texts(params, hparams, encoder, context_tokens, *, num_samples, max
     original does, up to MAX_EMPTY_RETRIES times).
     params: see `decoding_parameters` (converted once here otherwise, to `precision`);
     on_text(index, text): called as a sample's text grows (streaming, progress);
-    on_done(sample): called as each sample finishes.
+    on_done(sample): called as each sample finishes;
+    parameters_ready: see BatchSampler.
     Returns the TextSamples in order.
     """
     params = decoding_parameters(params, precision=precision)
@@ -299,7 +315,8 @@ def generate_texts(params, hparams, encoder, context_tokens, *, num_samples, max
         group, pending = pending[:batch_size], pending[batch_size:]
         if len(group) not in samplers:
             samplers[len(group)] = BatchSampler(params, hparams, batch_size=len(group), settings=settings,
-                                                eot_id=encoder.eot_id, rng=rng, xla=xla)
+                                                eot_id=encoder.eot_id, rng=rng, xla=xla,
+                                                parameters_ready=parameters_ready)
 
         def enough(row, new_tokens, group=group):
             text = encoder.decode(group[row].tokens + new_tokens)

@@ -114,16 +114,21 @@ class ModelRunner:
     """The model's parameters and the traced functions that run it over padded batches.
 
     params: name -> array or tensor, or a zero-argument function returning one
-    (`ModelDir.parameter_loaders()`: read one at a time, so no second copy is held).
+    (`ModelDir.parameter_loaders()`: read one at a time, so no second copy is held), or
+    variables of the compute format, held as they are (`ModelDir.start_loading`).
     precision: 'float32', or 'bfloat16' / 'float16' (see precision.py): the parameters are
     held in that format and the network computes in it; log-probabilities and vectors come
-    out float32 either way."""
+    out float32 either way.
+    parameters_ready: called once the first job's function is traced, before it runs: the
+    variables may still be being filled while it traces (`Filling.wait`)."""
 
-    def __init__(self, params, hparams, *, precision='float32'):
+    def __init__(self, params, hparams, *, precision='float32', parameters_ready=None):
         self.hparams = hparams
         self.compute_dtype = tf.as_dtype(precision)
-        self._params = {name: tf.cast(value() if callable(value) else value, self.compute_dtype)
+        self._params = {name: value if isinstance(value, tf.Variable) else
+                        tf.cast(value() if callable(value) else value, self.compute_dtype)
                         for name, value in params.items()}
+        self._parameters_ready = parameters_ready
         tokens = tf.TensorSpec([None, None], tf.int32)
         # One input signature each: any batch and length runs through the same graph.
         self._logprobs_fn = tf.function(self._target_logprobs, input_signature=[tokens, tokens], autograph=False)
@@ -147,18 +152,26 @@ class ModelRunner:
         mean = tf.reduce_sum(hidden * mask, axis=1) / tf.cast(lengths, hidden.dtype)[:, None]
         return last, mean
 
+    def _traced(self, function):
+        """`function`, traced, once the parameters are ready to be read."""
+        if self._parameters_ready is not None:
+            function.get_concrete_function()
+            self._parameters_ready()
+            self._parameters_ready = None
+        return function
+
     def target_logprobs(self, rows):
         """rows: (inputs, targets) token-list pairs of equal length, each at most n_ctx long.
         Returns one float32 array of log-probabilities per row."""
         width = padded_length(max(len(inputs) for inputs, _ in rows), self.hparams.n_ctx)
-        result = self._logprobs_fn(pad_rows([inputs for inputs, _ in rows], width),
+        result = self._traced(self._logprobs_fn)(pad_rows([inputs for inputs, _ in rows], width),
                                    pad_rows([targets for _, targets in rows], width)).numpy()
         return [result[i, :len(inputs)] for i, (inputs, _) in enumerate(rows)]
 
     def vectors(self, rows, *, pooling='last'):
         """rows: non-empty token lists of at most n_ctx. Returns one float32 [n_embd] per row."""
         lengths = np.array([len(row) for row in rows], np.int32)
-        last, mean = self._vectors_fn(pad_rows(rows, padded_length(lengths.max(), self.hparams.n_ctx)),
+        last, mean = self._traced(self._vectors_fn)(pad_rows(rows, padded_length(lengths.max(), self.hparams.n_ctx)),
                                       lengths)
         return list((last if pooling == 'last' else mean).numpy())
 

@@ -19,6 +19,7 @@ import tensorflow as tf
 
 import model
 from finetune.run_dir import STEP_VARIABLE
+from model_dir import Filling, empty_variable
 
 COMPUTE_DTYPES = {'float32': tf.float32, 'bfloat16': tf.bfloat16, 'float16': tf.float16}
 
@@ -45,9 +46,25 @@ def token_loss_sum(values, tokens, weights, *, hparams, compute_dtype, recompute
     return tf.reduce_sum(losses * tf.reshape(weights, [-1]))
 
 
+def state_specs(hparams, optimizer):
+    """Checkpoint name -> (shape, dtype) of every variable of the training state."""
+    shapes = model.parameter_shapes(hparams)
+    specs = {name: (shape, tf.float32) for name, shape in shapes.items()}
+    specs.update({f'{name}/{suffix}': (shape, tf.float32)
+                  for name, shape in shapes.items() for suffix in optimizer.slot_suffixes})
+    specs.update({name: ((), tf.float32) for name in optimizer.scalar_factors})
+    specs[STEP_VARIABLE] = ((), tf.int64)
+    return specs
+
+
 class Trainer:
     """Variables and compiled step for one run. `initial`: checkpoint name -> zero-argument
-    function giving the initial numpy value (read lazily, to keep peak memory low)."""
+    function giving the initial value (read lazily, to keep peak memory low).
+
+    On one device the variables are created empty and filled by a background thread
+    (`model_dir.Filling`), so that `trace_step` can trace the step meanwhile; every method
+    that reads them waits for the filling first. Across devices they are created from their
+    values, as tf.distribute wants (a multi-worker run gives every worker the chief's)."""
 
     def __init__(self, *, hparams, optimizer, initial, strategy=None, precision='float32',
                  recompute=False, xla=False):
@@ -59,10 +76,20 @@ class Trainer:
         self.xla = xla
         self.loss_scaling = precision == 'float16'
         self.param_names = list(model.parameter_shapes(hparams))
+        self._filling = None
+        # The default strategy (no scope entered anywhere): one device, plain variables.
+        one_device = not tf.distribute.has_strategy() and self.strategy is tf.distribute.get_strategy()
         with self.strategy.scope():
-            self.variables = {name: tf.Variable(make_value(), name=name.replace('/', '.'),
-                                                trainable=False)
-                              for name, make_value in initial.items()}
+            if one_device:
+                specs = state_specs(hparams, optimizer)
+                self._filling = Filling({
+                    name: (empty_variable(*specs[name], name=name.replace('/', '.')), make_value)
+                    for name, make_value in initial.items()})
+                self.variables = self._filling.variables
+            else:
+                self.variables = {name: tf.Variable(make_value(), name=name.replace('/', '.'),
+                                                    trainable=False)
+                                  for name, make_value in initial.items()}
         self.params = [self.variables[name] for name in self.param_names]
         self.slots = [[self.variables[f'{name}/{suffix}'] for suffix in optimizer.slot_suffixes]
                       for name in self.param_names]
@@ -79,11 +106,31 @@ class Trainer:
     def num_replicas(self):
         return self.strategy.num_replicas_in_sync
 
+    def _filled(self):
+        """Wait until the variables hold their initial values (raises what reading them raised)."""
+        if self._filling is not None:
+            self._filling.wait()
+            self._filling = None
+
+    def trace_step(self, *, accumulate, batch_size):
+        """Trace the training step for `accumulate` micro-batches of `batch_size` sequences now,
+        while the variables are being filled, rather than on the first `train_step`."""
+        if self._filling is None:
+            return  # nothing to overlap with
+        if accumulate > 1 and self._gradient_sums is None:
+            self._make_gradient_sums()
+        n_ctx, scalar = self.hparams.n_ctx, tf.TensorSpec([], tf.float32)
+        self._step.get_concrete_function(tf.TensorSpec([accumulate, batch_size, n_ctx], tf.int32),
+                                         tf.TensorSpec([accumulate, batch_size, n_ctx - 1], tf.float32),
+                                         scalar, scalar, scalar)
+
     def step_number(self):
+        self._filled()
         return int(self.variables[STEP_VARIABLE].numpy())
 
     def tensors(self):
         """Checkpoint name -> this worker's copy of each variable (for saving; no copies)."""
+        self._filled()
         return {name: self.strategy.experimental_local_results(variable)[0]
                 for name, variable in self.variables.items()}
 
@@ -216,6 +263,7 @@ class Trainer:
         """One optimizer step on the global batch: tokens int32 [K, batch, n_ctx] (K
         micro-batches accumulated), weights float32 [K, batch, n_ctx - 1]; batch divisible by
         the number of replicas. Returns (mean token loss, whether the update was applied)."""
+        self._filled()
         if tokens.shape[0] > 1 and self._gradient_sums is None:
             self._make_gradient_sums()
         loss, finite = self._step(self._split(tokens, 1), self._split(weights, 1),
@@ -226,6 +274,7 @@ class Trainer:
 
     def loss_sum(self, tokens, weights):
         """Summed token loss over tokens int32 [batch, n_ctx] (no update)."""
+        self._filled()
         return float(self._evaluate(self._split(tokens, 0), self._split(weights, 0)).numpy())
 
 

@@ -120,6 +120,7 @@ def train_in(run_dir, args, strategy, *, chief):
     trainer = Trainer(hparams=base.hparams, optimizer=optimizer, strategy=strategy,
                       initial=initial_values(base, resume, optimizer),
                       precision=compute_precision, recompute=args.recompute, xla=args.xla)
+    trainer.trace_step(accumulate=args.accumulate_gradients, batch_size=args.batch_size)
     config = LoopConfig(batch_size=args.batch_size, max_steps=max_steps,
                         learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
                         accumulate=args.accumulate_gradients, seed=args.seed,

@@ -82,3 +82,118 @@ def test_xla_is_spelled_the_same_in_every_script(script_name, required):
     assert parser.parse_args(required).xla is False
     assert parser.parse_args(required + ['--xla']).xla is True
     assert parser.parse_args(required + ['--xla', '--no-xla']).xla is False
+
+
+# --- parameters filled in the background while the functions are traced ------------------
+
+def test_loading_in_the_background_fills_the_decoders_variables(tiny_model_dir):
+    loaded = load_model_dir(tiny_model_dir)
+    loading = sample.start_loading_decoding_parameters(loaded)
+    loading.wait()
+    expected = sample.decoding_parameters(loaded.parameter_loaders())
+    assert list(loading.variables) == list(expected)  # the same names: wte only transposed
+    for name, variable in loading.variables.items():
+        np.testing.assert_array_equal(variable.numpy(), expected[name].numpy(), err_msg=name)
+
+
+@pytest.mark.parametrize('precision', ['float32', 'bfloat16'])
+def test_generation_is_the_same_with_the_weights_loaded_in_the_background(tiny_model_dir, precision):
+    loaded = load_model_dir(tiny_model_dir)
+    encoder = loaded.load_encoder()
+    settings = sample.Settings(top_k=5)
+
+    def texts(params, **ready):
+        samples = sample.generate_texts(params, loaded.hparams, encoder, [encoder.eot_id], num_samples=3,
+                                        max_length=20, settings=settings, batch_size=2, seed=7,
+                                        precision=precision, **ready)
+        return [(s.tokens, s.text) for s in samples]
+
+    loading = sample.start_loading_decoding_parameters(loaded, precision=precision)
+    assert texts(loading.variables, parameters_ready=loading.wait) == texts(loaded.parameter_loaders())
+
+
+@pytest.mark.parametrize('precision', ['float32', 'bfloat16'])
+def test_scores_and_vectors_are_the_same_with_the_weights_loaded_in_the_background(tiny_model_dir, precision):
+    import scoring
+    loaded = load_model_dir(tiny_model_dir)
+    encoder = loaded.load_encoder()
+    texts = ['猫が鳴く', 'あいうえお', '犬']
+    read_first = scoring.ModelRunner(loaded.parameter_loaders(), loaded.hparams, precision=precision)
+    results = []
+    for job in ('score', 'vectors'):
+        loading = loaded.start_loading(dtype=precision)
+        runner = scoring.ModelRunner(loading.variables, loaded.hparams, precision=precision,
+                                     parameters_ready=loading.wait)
+        if job == 'score':
+            got, want = (list(scoring.score_texts(r, encoder, texts)) for r in (runner, read_first))
+            results += [(a.logprobs, b.logprobs) for a, b in zip(got, want)]
+        else:
+            got, want = (list(scoring.transform_texts(r, encoder, texts)) for r in (runner, read_first))
+            results += list(zip(got, want))
+    for got, want in results:
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize('script_name, args', [
+    ('gpt2-generate.py', ['--num_generate', '1', '--max_length', '5', '--seed', '1']),
+    ('gpt2-score.py', ['-']),
+    ('gpt2-transform.py', ['--context', '猫']),
+])
+def test_a_damaged_checkpoint_is_still_one_line_with_background_loading(tmp_path, tiny_model_dir, capfd,
+                                                                        monkeypatch, script_name, args):
+    import io
+    import shutil
+    from helpers import assert_usage_error, run_as_script
+    damaged = tmp_path / 'model'
+    shutil.copytree(tiny_model_dir, damaged)
+    data = next(damaged.glob('model-0.data-*'))
+    data.write_bytes(data.read_bytes()[:1000])  # the index (shapes) reads; the weights do not
+    monkeypatch.setattr('sys.stdin', io.TextIOWrapper(io.BytesIO('猫\n'.encode())))
+    result = run_as_script(load_script(script_name).main, ['--model', damaged, *args], capfd)
+    assert_usage_error(result, 'unreadable')
+
+
+@pytest.mark.parametrize('accumulate', [1, 2])
+def test_training_is_the_same_with_the_state_filled_while_the_step_traces(tiny_model_dir, tiny_dataset, accumulate):
+    import tensorflow as tf
+    from finetune.data import load_sequences
+    from finetune.optimizers import make_optimizer
+    from finetune.run_dir import initial_values
+    from finetune.trainer import Trainer
+    base = load_model_dir(tiny_model_dir)
+    data = load_sequences(tiny_dataset, n_ctx=TINY.n_ctx, n_vocab=TINY.n_vocab, pad_id=TINY.n_vocab - 1)
+    tokens, weights = data.batch([0, 1, 2, 3])
+    tokens, weights = tokens.reshape(accumulate, -1, TINY.n_ctx), weights.reshape(accumulate, -1, TINY.n_ctx - 1)
+
+    def train(strategy):
+        optimizer = make_optimizer('adam')
+        trainer = Trainer(hparams=TINY, optimizer=optimizer, strategy=strategy,
+                          initial=initial_values(base, None, optimizer))
+        trainer.trace_step(accumulate=accumulate, batch_size=tokens.shape[1])
+        losses = [trainer.train_step(tokens, weights, learning_rate=1e-3) for _ in range(2)]
+        return losses, {name: value.numpy() for name, value in trainer.tensors().items()}
+
+    # The default strategy fills its variables in the background; a one-device strategy
+    # creates them from their values, as before.
+    filled_losses, filled = train(None)
+    plain_losses, plain = train(tf.distribute.OneDeviceStrategy('/cpu:0'))
+    assert filled_losses == plain_losses
+    assert list(filled) == list(plain)
+    for name in plain:
+        np.testing.assert_array_equal(filled[name], plain[name], err_msg=name)
+
+
+def test_fine_tuning_from_a_damaged_checkpoint_is_one_line(tmp_path, tiny_model_dir, tiny_dataset, capfd):
+    import shutil
+    from helpers import run_as_script
+    damaged = tmp_path / 'model'
+    shutil.copytree(tiny_model_dir, damaged)
+    data = next(damaged.glob('model-0.data-*'))
+    data.write_bytes(data.read_bytes()[:1000])
+    result = run_as_script(load_script('run_finetune.py').main,
+                           ['--dataset', tiny_dataset, '--base_model', damaged, '--no-xla', '--max_steps', '1',
+                            '--checkpoint_dir', tmp_path / 'runs'], capfd)
+    # After the line announcing the precision: the error, as one line.
+    assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith('script: error: checkpoint')
+    assert 'unreadable' in result.stderr.strip().splitlines()[-1]
