@@ -32,6 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / 'bench' / 'out'
 CONFIGS = {  # the Trainer's arguments (and K); each differs from float32 in one way
     'original': {'original': True},
+    # The original's step with oneDNN's kernels, which TensorFlow leaves off on CPUs without
+    # AVX512's neural-network features (fine-tuning turns them on: finetune/memory.py).
+    'original-onednn': {'original': True, 'environment': {'TF_ENABLE_ONEDNN_OPTS': '1'}},
     'auto': {'precision': 'auto'},
     'float32': {},
     'bfloat16': {'precision': 'bfloat16'},
@@ -128,6 +131,7 @@ def child_train(config, steps, model_dir):
     import numpy as np
     import cli
     from finetune.memory import prepare_process
+    os.environ.update(config.get('environment', {}))
     if config.get('process_settings', not config.get('original')):  # as run_finetune.py does
         prepare_process(recompute=config.get('recompute', False))
     cli.prepare_tensorflow()
@@ -271,7 +275,7 @@ def main():
             print(f'| {name} | error: {r["error"]} |||||||||', flush=True)
             continue
         seconds = r['seconds_per_step']
-        original = seconds if name.startswith('original') else original
+        original = seconds if name.partition('@')[0] == 'original' else original
         rate = r['flops_per_step'] / seconds
         print(f'| {name} | {r["precision"]} | {seconds:.2f} | '
               f'{f"{seconds / original:.2f}" if original else "-"} | {r["tokens_per_step"] / seconds:.0f} | '
