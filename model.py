@@ -487,8 +487,12 @@ def causal_blocks_attend(q, k, v, mask, *, blocks=4, attend_fn=training_attend):
     if t is None or t % blocks:
         return attend_fn(q, k, v, mask)
     size = t // blocks
-    outs = [attend_fn(q_block, k[:, :, :end], v[:, :, :end], mask[end - size:end, :end])
-            for q_block, end in zip(tf.split(q, blocks, axis=2), range(size, t + 1, size))]
+    q, k, v = (tf.split(x, blocks, axis=2) for x in (q, k, v))
+    # Keys and values up to a block's end as a concatenation of blocks, not a slice of k
+    # and v: a slice's gradient is a zero-padded copy of the whole of k or v.
+    outs = [attend_fn(q[i], tf.concat(k[:i + 1], axis=2), tf.concat(v[:i + 1], axis=2),
+                      mask[i * size:(i + 1) * size, :(i + 1) * size])
+            for i in range(blocks)]
     return tf.concat(outs, axis=2)
 
 
