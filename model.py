@@ -163,25 +163,26 @@ def dense(x, w, b):
     return tf.matmul(x, tf.reshape(w, w.shape[1:])) + b
 
 
-def attention_input(w, x):
+def attention_input(w, x, *, norm=layer_norm):
     """The first half of a block: queries, keys and values of ln_1(x), [rows, 3 * n_embd]."""
-    return dense(layer_norm(x, w['ln_1/g'], w['ln_1/b']), w['attn/c_attn/w'], w['attn/c_attn/b'])
+    return dense(norm(x, w['ln_1/g'], w['ln_1/b']), w['attn/c_attn/w'], w['attn/c_attn/b'])
 
 
-def block_output(w, x, a, *, activation=gelu):
+def block_output(w, x, a, *, activation=gelu, norm=layer_norm):
     """The second half of a block, after attention a [rows, n_embd]: projection, residual,
     ln_2, MLP, residual. Returns the block's output [rows, n_embd], in x's format (the
     residual stream, float32: see `embed`); the rest computes in the weights' format."""
     x = x + tf.cast(dense(a, w['attn/c_proj/w'], w['attn/c_proj/b']), x.dtype)
-    h = activation(dense(layer_norm(x, w['ln_2/g'], w['ln_2/b']), w['mlp/c_fc/w'], w['mlp/c_fc/b']))
+    h = activation(dense(norm(x, w['ln_2/g'], w['ln_2/b']), w['mlp/c_fc/w'], w['mlp/c_fc/b']))
     return x + tf.cast(dense(h, w['mlp/c_proj/w'], w['mlp/c_proj/b']), x.dtype)
 
 
-def block(w, x, attention, *, activation=gelu):
+def block(w, x, attention, *, activation=gelu, norm=layer_norm):
     """One pre-norm transformer block. w: its weights (`layer_weights`); x [rows, n_embd];
     attention(qkv [rows, 3 * n_embd]) -> [rows, n_embd], the only part that differs between
-    whole texts, the cache and training."""
-    return block_output(w, x, attention(attention_input(w, x)), activation=activation)
+    whole texts, the cache and training; activation and norm: `gelu` and `layer_norm`, or
+    the training path's versions of them."""
+    return block_output(w, x, attention(attention_input(w, x, norm=norm)), activation=activation, norm=norm)
 
 
 def split_heads(qkv, batch, n_head):
@@ -414,14 +415,35 @@ def decoding_parameters(params, *, dtype=tf.float32):
 
 
 # --- training -----------------------------------------------------------------------------
-# The same block, with two pieces whose hand-written backward passes keep less in memory
-# (tests/test_model.py checks them against differentiating `forward`).
+# The same block, with pieces whose hand-written backward passes keep less in memory or
+# take fewer passes (tests/test_model.py checks them against differentiating `forward`).
+
+# GELU's tanh form, 0.5 x (1 + tanh(c (x + a x^3))), is x sigmoid(2 c (x + a x^3)): the same
+# function in fewer element-wise passes over [rows, 4 * n_embd], for its derivative too.
+GELU_C = math.sqrt(2.0 / math.pi)
+GELU_A = 0.044715
+
 
 def gelu_derivative(x):
-    """d gelu(x) / dx of the tanh form."""
-    c = math.sqrt(2.0 / math.pi)
-    t = tf.tanh(c * (x + 0.044715 * tf.pow(x, 3)))
-    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - tf.square(t)) * c * (1.0 + 3 * 0.044715 * tf.square(x))
+    """d gelu(x) / dx of the tanh form: s (1 + x (1 - s) (2 c + 6 c a x^2)), where
+    s = sigmoid(2 c (x + a x^3))."""
+    x2 = tf.square(x)
+    s = tf.sigmoid(x * (2 * GELU_C + 2 * GELU_C * GELU_A * x2))
+    return s * (1.0 + x * (1.0 - s) * (2 * GELU_C + 6 * GELU_C * GELU_A * x2))
+
+
+def _gelu_sigmoid_form(x):
+    return x * tf.sigmoid(x * (2 * GELU_C + 2 * GELU_C * GELU_A * tf.square(x)))
+
+
+def _gelu_backward(x, dy):
+    return dy * gelu_derivative(x)
+
+
+# Compiled by XLA, which fuses each into one pass over [rows, 4 * n_embd]; as separate
+# TensorFlow ops, each multiplication and addition is a pass of its own.
+_compiled_gelu = tf.function(_gelu_sigmoid_form, jit_compile=True, autograph=False)
+_compiled_gelu_backward = tf.function(_gelu_backward, jit_compile=True, autograph=False)
 
 
 @tf.custom_gradient
@@ -432,8 +454,8 @@ def training_gelu(x):
         # Without the dependency on dy, the executor could run this as soon as x exists, in
         # the forward pass, and keep its result alive just the same.
         with tf.control_dependencies([dy]):
-            return dy * gelu_derivative(tf.identity(x))
-    return gelu(x), grad
+            return _compiled_gelu_backward(tf.identity(x), dy)
+    return _compiled_gelu(x), grad
 
 
 def training_attend(q, k, v, mask):
@@ -469,6 +491,43 @@ def training_attend(q, k, v, mask):
     return core(q, k, v)
 
 
+@tf.custom_gradient
+def training_layer_norm(x, g, b):
+    """`layer_norm` with a hand-written backward pass: differentiated as written, its
+    statistics' gradients take about twice as many passes over [rows, n_embd]."""
+    x32 = tf.cast(x, tf.float32)
+    mean, variance = tf.nn.moments(x32, axes=[-1], keepdims=True)
+    rstd = tf.math.rsqrt(variance + LAYER_NORM_EPSILON)  # [rows, 1]
+    normal = (x32 - mean) * rstd                           # float32 [rows, n_embd]
+
+    def grad(dy):
+        dnormal = tf.cast(dy * g, tf.float32)
+        dx = rstd * (dnormal - tf.reduce_mean(dnormal, axis=-1, keepdims=True)
+                     - normal * tf.reduce_mean(dnormal * normal, axis=-1, keepdims=True))
+        return (tf.cast(dx, x.dtype), tf.reduce_sum(dy * tf.cast(normal, g.dtype), axis=0),
+                tf.reduce_sum(dy, axis=0))
+    return tf.cast(normal, g.dtype) * g + b, grad
+
+
+def causal_blocks_attend(q, k, v, mask, *, blocks=4, attend_fn=training_attend):
+    """Causal self-attention by query blocks, each against the keys up to its own end
+    (mask: the causal [t, t] booleans): the scores above the diagonal blocks, all masked
+    out, are never computed (with 4 blocks, 6 of the 16 blocks of the [t, t] square).
+    Where t is not known or not a multiple of `blocks`, the whole square as `attend_fn`
+    computes it."""
+    t = q.shape[2]
+    if t is None or t % blocks:
+        return attend_fn(q, k, v, mask)
+    size = t // blocks
+    q, k, v = (tf.split(x, blocks, axis=2) for x in (q, k, v))
+    # Keys and values up to a block's end as a concatenation of blocks, not a slice of k
+    # and v: a slice's gradient is a zero-padded copy of the whole of k or v.
+    outs = [attend_fn(q[i], tf.concat(k[:i + 1], axis=2), tf.concat(v[:i + 1], axis=2),
+                      mask[i * size:(i + 1) * size, :(i + 1) * size])
+            for i in range(blocks)]
+    return tf.concat(outs, axis=2)
+
+
 def recomputed(fn):
     """fn(x, *weights) -> y, whose backward pass recomputes fn's activations from its inputs
     instead of keeping them (what tf.recompute_grad does, without its per-call overhead)."""
@@ -488,13 +547,15 @@ def recomputed(fn):
 def training_hidden(params, tokens, *, hparams, recompute=False):
     """Final layer-normalised hidden states [batch, seq, n_embd] for training: `forward`'s,
     through the same blocks, keeping less for the backward pass (`training_attend`,
-    `training_gelu`). With `recompute`, each block's activations are recomputed in the
-    backward pass instead of kept: about a third more compute for a fraction of the memory.
+    `training_gelu`) and taking fewer passes (`training_layer_norm`). With `recompute`,
+    each block's activations are recomputed in the backward pass instead of kept: about a
+    third more compute for a fraction of the memory.
     `params` may hold variables or (cast) tensors."""
     tokens = tf.cast(tokens, tf.int32)
-    batch, seq = tf.shape(tokens)[0], tf.shape(tokens)[1]
+    # Sizes known when traced stay Python ints, so that attention's shapes are static.
+    batch, seq = (size if size is not None else tf.shape(tokens)[axis] for axis, size in enumerate(tokens.shape))
     x = embed(params, tokens, tf.broadcast_to(tf.range(seq), [batch, seq]))
-    attention = causal_attention(batch, hparams.n_head, attend_fn=training_attend)
+    attention = causal_attention(batch, hparams.n_head, attend_fn=causal_blocks_attend)
     for layer in range(hparams.n_layer):
         weights = layer_weights(params, layer)
         names = list(weights)
@@ -502,8 +563,10 @@ def training_hidden(params, tokens, *, hparams, recompute=False):
         # The block's weights go in as arguments, so the recomputation differentiates them
         # like any input instead of having to find captured variables.
         def run_block(x, *values, names=names):
-            return block(dict(zip(names, values)), x, attention, activation=training_gelu)
+            return block(dict(zip(names, values)), x, attention, activation=training_gelu,
+                         norm=training_layer_norm)
 
         values = [tf.convert_to_tensor(weights[name]) for name in names]
         x = (recomputed(run_block) if recompute else run_block)(x, *values)
-    return tf.reshape(final_norm(params, x), [batch, seq, hparams.n_embd])
+    final = training_layer_norm(x, params[f'{SCOPE}/ln_f/g'], params[f'{SCOPE}/ln_f/b'])
+    return tf.reshape(final, [batch, seq, hparams.n_embd])

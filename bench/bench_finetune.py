@@ -1,6 +1,7 @@
 """Benchmark fine-tuning on a gpt2ja-small-sized model (random weights) at batch 1 x 1024.
 
     python bench/bench_finetune.py [--steps 3] [--configs original,auto,float32,...] [--profile]
+        [--profile_configs float32,bfloat16]
 
 For each configuration, a fresh child process builds the trainer, runs one untimed step
 (tracing, XLA compilation), then `--steps` timed steps, and reports seconds a step and its
@@ -11,8 +12,11 @@ Another child measures the matmul ceiling in the same run: `tf.matmul` of the mo
 shape, [1024, 768] x [768, 3072], in float32 and bfloat16. Each configuration's matrix-product
 FLOPs a step (6 x parameters x tokens, plus the attention products, 12 x layers x n_ctx^2 x
 n_embd) per second is given as a share of the ceiling of its own precision.
---profile adds, for float32 and bfloat16, the share of a step's op time (the TF profiler's
-per-op timings) that is not matrix products, and its largest parts.
+--profile adds, for each of --profile_configs, the share of a step's op time (the TF
+profiler's per-op timings) that is not matrix products, and its largest parts.
+A configuration written NAME@DIR runs the modules of the checkout at DIR (e.g.
+`--configs float32@/work/main,float32,float32@/work/main,float32` alternates another
+version's step with this one's in one run, as timing comparisons need).
 Results print as Markdown tables; scratch files go to bench/out/ (git-ignored).
 """
 import argparse
@@ -28,6 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / 'bench' / 'out'
 CONFIGS = {  # the Trainer's arguments (and K); each differs from float32 in one way
     'original': {'original': True},
+    # The original's step with oneDNN's kernels, which TensorFlow leaves off on CPUs without
+    # AVX512's neural-network features (fine-tuning turns them on: finetune/memory.py).
+    'original-onednn': {'original': True, 'environment': {'TF_ENABLE_ONEDNN_OPTS': '1'}},
     'auto': {'precision': 'auto'},
     'float32': {},
     'bfloat16': {'precision': 'bfloat16'},
@@ -45,6 +52,8 @@ MATMUL_OPS = {'MatMul', 'BatchMatMulV2', 'BatchMatMulV3', '_MklMatMul', '_MklBat
 def child_matmul(repeats=20):
     """The float32 and bfloat16 rates of the model-shaped matmul (best of three rounds)."""
     import cli
+    from finetune.memory import prepare_process
+    prepare_process(recompute=False)  # the kernels a default training step runs
     tf = cli.prepare_tensorflow()
     m, k, n = MATMUL_SHAPE
     matmul = tf.function(lambda a, b: tf.matmul(a, b))
@@ -122,6 +131,7 @@ def child_train(config, steps, model_dir):
     import numpy as np
     import cli
     from finetune.memory import prepare_process
+    os.environ.update(config.get('environment', {}))
     if config.get('process_settings', not config.get('original')):  # as run_finetune.py does
         prepare_process(recompute=config.get('recompute', False))
     cli.prepare_tensorflow()
@@ -150,7 +160,9 @@ def child_train(config, steps, model_dir):
 
 
 def child_profile(config, steps, model_dir):
-    """Op time of `steps` training steps by op type (TF profiler), matrix products apart."""
+    """Op time of `steps` training steps by op type (TF profiler), matrix products apart.
+    Counts the kernels TensorFlow's executor runs; code that XLA compiled (the training
+    path's GELU) runs on XLA's own threads and is not counted."""
     import collections
     import glob
     import tempfile
@@ -174,7 +186,7 @@ def child_profile(config, steps, model_dir):
     space = xplane_pb2.XSpace()
     with open(glob.glob(f'{log_dir}/**/*.xplane.pb', recursive=True)[0], 'rb') as f:
         space.ParseFromString(f.read())
-    by_type = collections.Counter()
+    by_type, by_name = collections.Counter(), collections.Counter()
     for plane in space.planes:
         for line in plane.lines:
             if not line.name.startswith('tf_Compute'):  # the threads that run kernels
@@ -183,8 +195,11 @@ def child_profile(config, steps, model_dir):
                 name = plane.event_metadata[event.metadata_id].name
                 if ':' in name and '::' not in name:  # "op_name:OpType"; not executor frames
                     by_type[name.rsplit(':', 1)[1]] += event.duration_ps / 1e12
+                    by_name[name] += event.duration_ps / 1e12
     total = sum(by_type.values())
     other = {op: seconds for op, seconds in by_type.items() if op not in MATMUL_OPS}
+    with open(f'{log_dir}/ops.json', 'w') as f:  # every op's seconds, for a closer look
+        json.dump(by_name.most_common(), f, indent=0)
     return {'op_seconds': total, 'non_matmul_share': sum(other.values()) / total,
             'largest': [(op, seconds / total) for op, seconds in collections.Counter(other).most_common(8)]}
 
@@ -200,12 +215,19 @@ def make_model_dir():
     return path
 
 
-def in_child(*args):
-    result = subprocess.run([sys.executable, __file__, '--child', json.dumps(args)], cwd=REPO,
-                            capture_output=True, text=True)
+def in_child(*args, code=REPO):
+    """Run a child (`child_*`) with the modules of the checkout at `code`."""
+    result = subprocess.run([sys.executable, __file__, '--child', json.dumps(args), '--code', str(code)],
+                            cwd=code, capture_output=True, text=True)
     if result.returncode:
         return {'error': result.stderr.strip().splitlines()[-1:]}
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def config_and_code(name):
+    """'float32' or 'float32@DIR' -> (the configuration, the checkout whose code runs it)."""
+    name, _, code = name.partition('@')
+    return CONFIGS[name], Path(code).resolve() if code else REPO
 
 
 def cpu_model():
@@ -225,9 +247,12 @@ def main():
                         help=f'comma-separated, of: {", ".join(CONFIGS)}')
     parser.add_argument('--profile', action='store_true',
                         help='also measure the share of a step that is not matrix products')
+    parser.add_argument('--profile_configs', default='float32,bfloat16',
+                        help='the configurations --profile measures')
     parser.add_argument('--child', help=argparse.SUPPRESS)
+    parser.add_argument('--code', default=str(REPO), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, args.code)
     if args.child:
         kind, *rest = json.loads(args.child)
         children = {'matmul': child_matmul, 'train': child_train, 'profile': child_profile}
@@ -246,22 +271,24 @@ def main():
     print('|---|---|---|---|---|---|---|---|---|---|')
     original = None
     for name in args.configs.split(','):
-        r = in_child('train', CONFIGS[name], args.steps, str(model_dir))
+        config, code = config_and_code(name)
+        r = in_child('train', config, args.steps, str(model_dir), code=code)
         if 'error' in r:
             print(f'| {name} | error: {r["error"]} |||||||||', flush=True)
             continue
         seconds = r['seconds_per_step']
-        original = seconds if name == 'original' else original
+        original = seconds if name.partition('@')[0] == 'original' else original
         rate = r['flops_per_step'] / seconds
         print(f'| {name} | {r["precision"]} | {seconds:.2f} | '
               f'{f"{seconds / original:.2f}" if original else "-"} | {r["tokens_per_step"] / seconds:.0f} | '
               f'{rate / 1e9:.0f} | {100 * rate / ceiling[r["precision"]]:.0f}% | {r["peak_rss_gb"]:.2f} | '
               f'{r["first_step_s"]:.0f} | {r["loss"]:.2f}{"" if r["applied"] else " (skipped)"} |', flush=True)
     if args.profile:
-        print('\n| precision | op time, s/step | not matrix products | largest parts |')
+        print('\n| configuration | op time, s/step | not matrix products | largest parts |')
         print('|---|---|---|---|')
-        for name in ('float32', 'bfloat16'):
-            r = in_child('profile', CONFIGS[name], args.steps, str(model_dir))
+        for name in args.profile_configs.split(','):
+            config, code = config_and_code(name)
+            r = in_child('profile', config, args.steps, str(model_dir), code=code)
             if 'error' in r:
                 print(f'| {name} | error: {r["error"]} |||', flush=True)
                 continue
