@@ -296,7 +296,10 @@ def empty_variable(shape, dtype, *, name=None):
     assigned one): a handle only, made in a fraction of the time a variable with a value
     takes, and its first assignment adopts the value's memory instead of copying it. What
     tf.saved_model's loader creates before restoring; not part of the public API."""
-    from tensorflow.python.ops.resource_variable_ops import UninitializedVariable
+    try:
+        from tensorflow.python.ops.resource_variable_ops import UninitializedVariable
+    except ImportError:  # a TensorFlow that moved it: a variable of unfilled memory instead
+        return tf.Variable(tf.raw_ops.Empty(shape=shape, dtype=dtype), trainable=False, name=name)
     return UninitializedVariable(shape=shape, dtype=dtype, trainable=False, name=name)
 
 

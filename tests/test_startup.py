@@ -96,6 +96,20 @@ def test_loading_in_the_background_fills_the_decoders_variables(tiny_model_dir):
         np.testing.assert_array_equal(variable.numpy(), expected[name].numpy(), err_msg=name)
 
 
+@pytest.mark.parametrize('without_private_api', [False, True])
+def test_background_loading_works_without_tensorflows_private_uninitialized_variable(
+        tiny_model_dir, monkeypatch, without_private_api):
+    from tensorflow.python.ops import resource_variable_ops
+    if without_private_api:
+        monkeypatch.delattr(resource_variable_ops, 'UninitializedVariable')
+    loaded = load_model_dir(tiny_model_dir)
+    loading = sample.start_loading_decoding_parameters(loaded)
+    loading.wait()
+    expected = sample.decoding_parameters(loaded.parameter_loaders())
+    for name, variable in loading.variables.items():
+        np.testing.assert_array_equal(variable.numpy(), expected[name].numpy(), err_msg=name)
+
+
 @pytest.mark.parametrize('precision', ['float32', 'bfloat16'])
 def test_generation_is_the_same_with_the_weights_loaded_in_the_background(tiny_model_dir, precision):
     loaded = load_model_dir(tiny_model_dir)
