@@ -2,7 +2,7 @@
 
 The network is a pure function of a parameter dict (`'model/wte'` -> tensor or variable),
 so the same code runs eagerly, inside `tf.function`, and in a `tf.compat.v1` graph. One
-transformer block (`block`) serves every path:
+transformer block (`block`) serves every path, traced once a path (`traced_once`):
 - `forward(params, tokens, hparams=...)`: logits and final hidden states of whole texts
   (scoring, vectors, TF1 graphs);
 - `forward_cached(...)`: new tokens against a key/value cache (`KVCache`), for sampling;
@@ -22,7 +22,9 @@ float32 throughout; given bfloat16 (or float16) weights, the products and activa
 that format while layer-norm statistics, attention's softmax and the residual stream stay
 float32 (see precision.py); logits and hidden states come out in the weights' format.
 """
+import collections
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -185,6 +187,29 @@ def block(w, x, attention, *, activation=gelu, norm=layer_norm):
     return block_output(w, x, attention(attention_input(w, x, norm=norm)), activation=activation, norm=norm)
 
 
+# Every layer runs the same block on its own weights, so each path traces its block once, as
+# a function that every layer calls with its weights as arguments, rather than once a layer:
+# tracing (Python building the graph op by op) is most of a script's start-up, and this cuts
+# it about n_layer-fold. TensorFlow inlines the calls when it optimises the caller's graph,
+# so what runs is the same graph, with the same numbers and speed, as n_layer copies.
+# Called eagerly, the block runs op by op as before (there is no graph to keep small, and a
+# trace per new number of rows would cost more than it saves).
+def traced_once(fn):
+    traced = tf.function(fn, autograph=False)
+
+    @functools.wraps(fn)
+    def call(*args):
+        return (fn if tf.executing_eagerly() else traced)(*args)
+    call.tracing_count = traced.experimental_get_tracing_count
+    return call
+
+
+def layer_tensors(params, layer):
+    """`layer_weights` as tensors, to pass to a traced block (a variable is read here, in the
+    caller's graph)."""
+    return {name: tf.convert_to_tensor(value) for name, value in layer_weights(params, layer).items()}
+
+
 def split_heads(qkv, batch, n_head):
     """qkv [batch * seq, 3 * n_embd] -> [3 (q, k, v), batch, heads, seq, head_size]."""
     head_size = qkv.shape[-1] // (3 * n_head)
@@ -224,6 +249,14 @@ def causal_attention(batch, n_head, *, attend_fn=attend):
     return attention
 
 
+def text_block(w, x, batch, n_head):
+    """`block` with causal self-attention over whole texts: x [batch * seq, n_embd]."""
+    return block(w, x, causal_attention(batch, n_head))
+
+
+_traced_text_block = traced_once(text_block)
+
+
 def embed(params, tokens, positions):
     """Token plus position embeddings, [batch * seq, n_embd]. tokens, positions int [batch, seq].
     float32 whatever the weights' format: the residual stream that the blocks add to stays
@@ -254,9 +287,8 @@ def forward(params, tokens, *, hparams):
     tokens = tf.cast(tokens, tf.int32)
     batch, seq = tf.shape(tokens)[0], tf.shape(tokens)[1]
     x = embed(params, tokens, tf.broadcast_to(tf.range(seq), [batch, seq]))
-    attention = causal_attention(batch, hparams.n_head)
     for layer in range(hparams.n_layer):
-        x = block(layer_weights(params, layer), x, attention)
+        x = _traced_text_block(layer_tensors(params, layer), x, batch, hparams.n_head)
     hidden = final_norm(params, x)
     logits = unembed(params, hidden)
     return {'logits': tf.reshape(logits, [batch, seq, hparams.n_vocab]),
@@ -302,11 +334,10 @@ class KVCache:
             variable.assign(tf.pad(variable, grow))
         self.capacity = capacity
 
-    def attentions(self, start, length, first_slot):
-        """One `attention` of `block` a layer, for `length` new tokens at slots
-        [start, start + length): each writes its layer's new keys and values and attends over
-        slots [0, start + length), except a row's slots before its `first_slot` [batch]
-        (left padding)."""
+    def step(self, start, length, first_slot):
+        """What every layer's attention needs for `length` new tokens at slots
+        [start, start + length), built once a call (`CacheStep`); a row attends over slots
+        [0, start + length), except its slots before its `first_slot` [batch] (left padding)."""
         b, h, end = self.batch_size, self.n_head, start + length
         # ScatterNdUpdate writes in place (a sliced assign would copy the whole cache):
         # indices [2, b, h, length, 4], one (kv, row, head, slot) per new key or value.
@@ -319,16 +350,33 @@ class KVCache:
         key = tf.range(end)[None, :]                                   # [1, end]
         not_padding = key[None] >= first_slot[:, None, None]           # [b, 1, end]
         mask = tf.logical_and(key <= query, not_padding)[:, None]      # [b, 1, length, end]
+        return CacheStep(write_at, read_slots, mask)
 
-        def attention_of(variable):
-            def attention(qkv):
-                q_k_v = split_heads(qkv, b, h)                         # [3, b, h, length, d]
-                tf.raw_ops.ResourceScatterNdUpdate(ref=variable.handle, indices=write_at, updates=q_k_v[1:])
-                k, v = tf.unstack(tf.raw_ops.ResourceGather(
-                    resource=variable.handle, indices=read_slots, dtype=variable.dtype, batch_dims=3))
-                return merge_heads(attend(q_k_v[0], k, v, mask))
-            return attention
-        return [attention_of(variable) for variable in self.layers]
+
+# KVCache.step's tensors: write_at int [2, batch, heads, length, 4]; read_slots int
+# [2, batch, heads, end]; mask bool [batch, 1, length, end].
+CacheStep = collections.namedtuple('CacheStep', 'write_at read_slots mask')
+
+
+def cached_attention(variable, step, batch, n_head):
+    """The `attention` of `block` against one layer's cache `variable`: writes the new
+    tokens' keys and values at their slots and attends over the filled ones (step: a
+    `CacheStep`)."""
+    def attention(qkv):
+        q_k_v = split_heads(qkv, batch, n_head)                        # [3, b, h, length, d]
+        tf.raw_ops.ResourceScatterNdUpdate(ref=variable.handle, indices=step.write_at, updates=q_k_v[1:])
+        k, v = tf.unstack(tf.raw_ops.ResourceGather(
+            resource=variable.handle, indices=step.read_slots, dtype=variable.dtype, batch_dims=3))
+        return merge_heads(attend(q_k_v[0], k, v, step.mask))
+    return attention
+
+
+def cached_block(w, x, variable, step, batch, n_head):
+    """`block` for new tokens against one layer's cache: x [batch * length, n_embd]."""
+    return block(w, x, cached_attention(variable, step, batch, n_head))
+
+
+_traced_cached_block = traced_once(cached_block)
 
 
 def grown_capacity(capacity, slots, *, n_ctx):
@@ -340,10 +388,10 @@ def grown_capacity(capacity, slots, *, n_ctx):
     return min(n_ctx, max(2 * capacity, -(-slots // unit) * unit))
 
 
-def run_blocks(params, x, attentions):
-    """x [rows, n_embd] through every block, block i with attentions[i]."""
-    for layer, attention in enumerate(attentions):
-        x = block(layer_weights(params, layer), x, attention)
+def run_blocks(params, x, cache, step):
+    """x [batch * length, n_embd] through every block, each against its layer's cache."""
+    for layer, variable in enumerate(cache.layers):
+        x = _traced_cached_block(layer_tensors(params, layer), x, variable, step, cache.batch_size, cache.n_head)
     return x
 
 
@@ -362,9 +410,9 @@ class CompiledBlocks:
         self._between = tf.function(_output_then_input, jit_compile=True)
         self._last = tf.function(block_output, jit_compile=True)
 
-    def __call__(self, params, x, attentions):
-        weights = [{name: tf.convert_to_tensor(value) for name, value in layer_weights(params, layer).items()}
-                   for layer in range(len(attentions))]
+    def __call__(self, params, x, cache, step):
+        attentions = [cached_attention(variable, step, cache.batch_size, cache.n_head) for variable in cache.layers]
+        weights = [layer_tensors(params, layer) for layer in range(len(attentions))]
         qkv = self._first(weights[0], x)
         for layer, attention in enumerate(attentions[:-1]):
             x, qkv = self._between(weights[layer], weights[layer + 1], x, attention(qkv))
@@ -393,7 +441,7 @@ def forward_cached(params, tokens, *, hparams, cache, start, first_slot=None, bl
     if first_slot is None:
         first_slot = tf.zeros([cache.batch_size], tf.int32)
     positions = tf.maximum(start + tf.range(length)[None, :] - first_slot[:, None], 0)  # [batch, seq]
-    x = blocks(params, embed(params, tokens, positions), cache.attentions(start, length, first_slot))
+    x = blocks(params, embed(params, tokens, positions), cache, cache.step(start, length, first_slot))
     last = tf.reshape(x, [cache.batch_size, length, hparams.n_embd])[:, -1]
     return tf.cast(unembed(params, final_norm(params, last)), tf.float32)
 

@@ -1,6 +1,7 @@
 """What makes the scripts start fast and stay lean: loading, the sampler's weights, progress, --xla."""
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import model
 import sample
@@ -43,6 +44,36 @@ def test_the_sampler_holds_one_copy_of_the_weights(tiny_model_dir):
     assert 'model/wte' not in params  # only its transposed layout
     np.testing.assert_array_equal(params[model.WTE_TRANSPOSED].numpy(), loaded.load_parameters()['model/wte'].T)
     assert sample.decoding_parameters(params) is params  # made once, shared by every sampler
+
+
+# Shapes no other test uses, so that the block's traces counted here are this test's own.
+THREE_LAYERS = model.HParams(n_vocab=50, n_ctx=16, n_embd=24, n_head=2, n_layer=3)
+
+
+def block_calls(graph):
+    return [op for op in graph.get_operations() if op.type in ('PartitionedCall', 'StatefulPartitionedCall')]
+
+
+def test_whole_texts_trace_the_block_once_and_give_the_eager_logits():
+    params = model.init_parameters(THREE_LAYERS, seed=1)
+    tokens = np.random.default_rng(0).integers(0, THREE_LAYERS.n_vocab, size=(2, 9)).astype(np.int32)
+    traces = model._traced_text_block.tracing_count()
+    logits = tf.function(lambda t: model.forward(params, t, hparams=THREE_LAYERS)['logits'], autograph=False)
+    graph = logits.get_concrete_function(tf.TensorSpec([None, None], tf.int32)).graph
+    assert model._traced_text_block.tracing_count() == traces + 1
+    assert len(block_calls(graph)) == THREE_LAYERS.n_layer
+    np.testing.assert_allclose(logits(tokens), model.forward(params, tokens, hparams=THREE_LAYERS)['logits'],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_the_sampling_step_traces_the_cached_block_once():
+    traces = model._traced_cached_block.tracing_count()
+    sampler = sample.BatchSampler(model.init_parameters(THREE_LAYERS, seed=1), THREE_LAYERS, batch_size=2,
+                                  settings=sample.Settings(top_k=1), eot_id=THREE_LAYERS.n_vocab - 1,
+                                  rng=tf.random.Generator.from_seed(0))
+    sampler.start([[1, 2, 3], [4]], [False, False])
+    assert model._traced_cached_block.tracing_count() == traces + 1
+    assert len(block_calls(sampler._advance.get_concrete_function().graph)) == THREE_LAYERS.n_layer
 
 
 def test_progress_counts_characters_and_finishes_samples_that_end_early(monkeypatch):
