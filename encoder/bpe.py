@@ -49,6 +49,9 @@ def trie_regex(words):
     """A regex matching the longest of `words` that starts where it is tried.
 
     Built as a trie, so a match costs one step per character rather than one per word.
+    Compiling the regex is most of the cost of building it, so the pattern is kept short:
+    no group around a single branch, and branches that differ only in their first
+    character (`<|byte1|>`, `<|byte2|>`, ...) share one character class.
     """
     trie = {}
     for word in words:
@@ -58,14 +61,27 @@ def trie_regex(words):
         node[''] = {}  # marks the end of a word
 
     def pattern(node):
-        branches = [re.escape(char) + pattern(child) for char, child in node.items() if char]
+        # A trie's branches start with distinct characters, so at most one of them can
+        # match and their order does not matter: grouping them by what follows is exact.
+        chars_by_rest = {}
+        for char, child in node.items():
+            if char:
+                chars_by_rest.setdefault(pattern(child), []).append(char)
+        branches = [char_class(chars) + rest for rest, chars in chars_by_rest.items()]
         if not branches:
             return ''
-        group = '(?:' + '|'.join(branches) + ')'
-        # Greedy '?': a longer word is tried first, a shorter one is the fallback.
-        return group + '?' if '' in node else group
+        if '' in node:
+            # Greedy '?': a longer word is tried first, a shorter one is the fallback.
+            return '(?:' + '|'.join(branches) + ')?'
+        return branches[0] if len(branches) == 1 else '(?:' + '|'.join(branches) + ')'
 
     return re.compile(pattern(trie))
+
+
+def char_class(chars):
+    """A regex matching any one of `chars` (distinct characters)."""
+    escaped = ''.join(map(re.escape, chars))
+    return escaped if len(chars) == 1 else '[' + escaped + ']'
 
 
 def check_vocabulary_shape(tokens):

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from encoder import Encoder, VocabularyError, get_encoder
-from encoder.bpe import EmojiReplacer
+from encoder.bpe import EmojiReplacer, trie_regex
 from plain_encoder import PlainEncoder
 
 GENERATED = settings(max_examples=1000, derandomize=True, deadline=None,
@@ -171,3 +171,15 @@ def test_lone_surrogate_is_refused_like_the_original(synthetic_encoder, syntheti
     for enc in (synthetic_encoder, synthetic_plain):
         with pytest.raises(UnicodeEncodeError):
             enc.encode('猫\ud800')
+
+
+@settings(max_examples=500, derandomize=True, deadline=None)
+@given(words=st.lists(st.text('ab-]^\\|', min_size=1, max_size=4), min_size=1, max_size=10),
+       text=st.text('ab-]^\\|', max_size=12))
+def test_tag_regex_matches_the_longest_word_at_each_position(words, text):
+    regex = trie_regex(words)
+    for position in range(len(text)):
+        longest = max((word for word in words if text.startswith(word, position)), key=len,
+                      default=None)
+        match = regex.match(text, position)
+        assert (match and match.group()) == longest, position
