@@ -233,16 +233,12 @@ class EmojiReplacer:
     def _may_extend(self, key):
         """Whether another key may start inside `key` and run past its end: whether a
         proper suffix of `key` is a proper prefix of some key."""
-        return any(self._is_proper_prefix(key[n:]) for n in range(1, len(key)))
+        return any(key[n:] in self.proper_prefixes for n in range(1, len(key)))
 
-    def _is_proper_prefix(self, text):
-        """Whether some key starts with `text` and is longer."""
-        node = self.trie
-        for char in text:
-            node = node.get(char)
-            if node is None:
-                return False
-        return any(char != END_OF_KEY for char in node)
+    @functools.cached_property
+    def proper_prefixes(self):
+        """Every proper prefix of a key; built when a text first holds a key."""
+        return {key[:n] for key in self.keys for n in range(1, len(key))}
 
     def _cluster_end(self, text, start, end):
         position = start + 1
@@ -261,7 +257,7 @@ class EmojiReplacer:
     def prefix_key_indices(self, key):
         """The indices of the keys that are prefixes of `key` (itself included): exactly the
         keys that match where `key` is the longest match."""
-        return [self.index[key[:n]] for n in range(1, len(key) + 1) if key[:n] in self.index]
+        return [i for n in range(1, len(key) + 1) if (i := self.index.get(key[:n])) is not None]
 
     def replace_in_order(self, text, keys):
         for key in keys:
