@@ -9,6 +9,7 @@ same ids as the plain reading, kept in tests/plain_encoder.py) is said where it 
 """
 import functools
 import re
+import typing
 
 import numpy as np
 
@@ -49,6 +50,9 @@ def trie_regex(words):
     """A regex matching the longest of `words` that starts where it is tried.
 
     Built as a trie, so a match costs one step per character rather than one per word.
+    Compiling costs time per character of the pattern, so the pattern is kept short: no
+    group around a single branch, and branches that differ only in their first character
+    (`<|byte1|>`, `<|byte2|>`, ...) share one character class.
     """
     trie = {}
     for word in words:
@@ -58,30 +62,116 @@ def trie_regex(words):
         node[''] = {}  # marks the end of a word
 
     def pattern(node):
-        branches = [re.escape(char) + pattern(child) for char, child in node.items() if char]
+        # A trie's branches start with distinct characters, so at most one of them can
+        # match and their order does not matter: grouping them by what follows is exact.
+        chars_by_rest = {}
+        for char, child in node.items():
+            if char:
+                chars_by_rest.setdefault(pattern(child), []).append(char)
+        branches = [char_class(chars) + rest for rest, chars in chars_by_rest.items()]
         if not branches:
             return ''
-        group = '(?:' + '|'.join(branches) + ')'
-        # Greedy '?': a longer word is tried first, a shorter one is the fallback.
-        return group + '?' if '' in node else group
+        if '' in node:
+            # Greedy '?': a longer word is tried first, a shorter one is the fallback.
+            return '(?:' + '|'.join(branches) + ')?'
+        return branches[0] if len(branches) == 1 else '(?:' + '|'.join(branches) + ')'
 
     return re.compile(pattern(trie))
 
 
-def check_vocabulary_shape(tokens):
-    """The facts about the vocabulary that the fast longest match relies on."""
-    for token in tokens:
-        if TAG_START in token[1:]:
-            raise VocabularyError(f'unexpected vocabulary entry {token!r}: "<" inside an entry')
-        if len(token) > 2 and not token.startswith(TAG_START):
-            raise VocabularyError(
-                f'unexpected vocabulary entry {token!r}: only entries starting with "<" '
+def char_class(chars):
+    """A regex matching any one of `chars` (distinct characters)."""
+    escaped = ''.join(map(re.escape, chars))
+    return escaped if len(chars) == 1 else '[' + escaped + ']'
+
+
+def vocabulary_codes(text):
+    """The code points of `text`, a string of vocabulary data, as an int32 array.
+
+    Unlike text_codes, a lone surrogate is kept as its code rather than refused: the
+    vocabulary may hold one, as it may hold any other code point. [len(text)]
+    """
+    return np.frombuffer(text.encode('utf-32-le', 'surrogatepass'), dtype=np.int32)
+
+
+class EntryCodes(typing.NamedTuple):
+    """Each vocabulary entry's length and the codes of its first two characters, -1 where
+    it is shorter. [len(tokens)] each."""
+    lengths: np.ndarray
+    first: np.ndarray
+    second: np.ndarray
+
+
+def entry_codes(tokens):
+    """The EntryCodes of `tokens`, read from one string of them all rather than entry by
+    entry."""
+    lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+    # Two -1s after the last code, for the missing characters of a short last entry.
+    codes = np.append(vocabulary_codes(''.join(tokens)), [-1, -1])
+    starts = np.cumsum(lengths) - lengths
+    return EntryCodes(lengths, np.where(lengths >= 1, codes[starts], -1),
+                      np.where(lengths >= 2, codes[starts + 1], -1))
+
+
+def vocabulary_shape_error(token):
+    """What in `token` breaks the facts that the fast longest match relies on, or None."""
+    if TAG_START in token[1:]:
+        return f'unexpected vocabulary entry {token!r}: "<" inside an entry'
+    if len(token) > 2 and not token.startswith(TAG_START):
+        return (f'unexpected vocabulary entry {token!r}: only entries starting with "<" '
                 'may be longer than two characters')
-        if token == '' or any(ord(char) >= TAG_CODE_BASE for char in token):
-            raise VocabularyError(f'unexpected vocabulary entry {token!r}')
-    missing = [byte_token(b) for b in range(255) if byte_token(b) not in tokens]
-    if missing or END_OF_TEXT not in tokens:
+    if token == '':
+        return f'unexpected vocabulary entry {token!r}'
+    return None
+
+
+def check_vocabulary_shape(tokens, entries):
+    """The facts about the vocabulary that the fast longest match relies on.
+
+    `entries` are the EntryCodes of `tokens`. VocabularyError names the first offender.
+    """
+    # Only an entry that is empty, longer than two characters or has "<" second can break
+    # a rule; those few are checked one by one, in order.
+    suspects = ((entries.lengths == 0) | (entries.lengths > 2)
+                | (entries.second == ord(TAG_START)))
+    for i in np.flatnonzero(suspects).tolist():
+        if error := vocabulary_shape_error(tokens[i]):
+            raise VocabularyError(error)
+    # Every byte tag and the end-of-text tag start with "<".
+    present = {tokens[i] for i in np.flatnonzero(entries.first == ord(TAG_START)).tolist()}
+    missing = [byte_token(b) for b in range(255) if byte_token(b) not in present]
+    if missing or END_OF_TEXT not in present:
         raise VocabularyError(f'vocabulary lacks {(missing or [END_OF_TEXT])[0]}')
+
+
+def any_key_meets_a_tag(keys, tags):
+    """Whether an occurrence of some key could overlap an occurrence of some tag in a text:
+    whether, for some key and tag, the key is inside the tag, the tag is inside the key, a
+    proper suffix of the key begins the tag, or a proper prefix of the key ends the tag.
+
+    Asked pair by pair (tests/test_encoder.py checks this against that plain reading), it
+    is keys x tags Python-level checks, 4,314 x 12 for the released vocabulary. Two facts
+    make it cheap:
+      - non-empty strings can only overlap where they share a character, so only the keys
+        that share one with some tag are asked (51 of the released 4,314);
+      - the tags' substrings, prefixes and suffixes are listed once, so each of those keys
+        is asked with a set lookup and C-level string methods.
+    """
+    tags = set(tags)
+    if not keys or not tags:
+        return False
+    if '' in tags or '' in keys:
+        return True  # the empty string is inside every string
+    tag_substrings = {tag[i:j] for tag in tags
+                      for i in range(len(tag)) for j in range(i + 1, len(tag) + 1)}
+    tag_prefixes = tuple({tag[:n] for tag in tags for n in range(1, len(tag) + 1)})
+    tag_suffixes = tuple({tag[n:] for tag in tags for n in range(len(tag))})
+    shares_a_char_with_a_tag = re.compile(char_class(sorted(set(''.join(tags))))).search
+    # key[1:] ends with a non-empty string exactly when that string is a proper suffix of
+    # the key; key[:-1] starts with one exactly when it is a proper prefix.
+    return any(key in tag_substrings or any(tag in key for tag in tags)
+               or key[1:].endswith(tag_prefixes) or key[:-1].startswith(tag_suffixes)
+               for key in filter(shares_a_char_with_a_tag, keys))
 
 
 class EmojiReplacer:
@@ -102,23 +192,16 @@ class EmojiReplacer:
         self.tags = dict(emoji)
         self.keys = list(emoji)
         self.max_key_length = max(map(len, self.keys), default=0)
-        index = {key: i for i, key in enumerate(self.keys)}
+        self.index = dict(zip(self.keys, range(len(self.keys))))
         self.trie = {}
         for key in self.keys:
             node = self.trie
             for char in key:
                 node = node.setdefault(char, {})
             node[END_OF_KEY] = key
-        # For each key, the indices of the keys that are its prefixes (itself included):
-        # exactly the keys that match where it is the longest match.
-        self.prefix_keys = {key: [index[key[:n]] for n in range(1, len(key) + 1)
-                                  if key[:n] in index] for key in self.keys}
-        proper_prefixes = {key[:n] for key in self.keys for n in range(1, len(key))}
-        # Keys inside which another key may start and run past their end.
-        self.may_extend = {key for key in self.keys
-                           if any(key[j:] in proper_prefixes for j in range(1, len(key)))}
-        self.tags_are_barriers = not any(
-            key_meets_tag(key, tag) for tag in set(self.tags.values()) for key in self.keys)
+        # Asked only of the keys that occur, once each: most never do.
+        self.may_extend = functools.lru_cache(maxsize=None)(self._may_extend)
+        self.tags_are_barriers = not any_key_meets_a_tag(self.keys, set(self.tags.values()))
         self.start_filter = KeyStartFilter(self.keys)
         self.rewrite_cluster = functools.lru_cache(maxsize=1 << 16)(self._rewrite_cluster)
 
@@ -130,7 +213,7 @@ class EmojiReplacer:
             if start < pos or not (key := self.longest_key_at(text, start)):
                 continue
             end = start + len(key)
-            if key in self.may_extend:
+            if self.may_extend(key):
                 end = self._cluster_end(text, start, end)
             pieces += [text[pos:start], self.rewrite_cluster(text[start:end])]
             pos = end
@@ -147,6 +230,16 @@ class EmojiReplacer:
             found = node.get(END_OF_KEY, found)
         return found
 
+    def _may_extend(self, key):
+        """Whether another key may start inside `key` and run past its end: whether a
+        proper suffix of `key` is a proper prefix of some key."""
+        return any(key[n:] in self.proper_prefixes for n in range(1, len(key)))
+
+    @functools.cached_property
+    def proper_prefixes(self):
+        """Every proper prefix of a key; built when a text first holds a key."""
+        return {key[:n] for key in self.keys for n in range(1, len(key))}
+
     def _cluster_end(self, text, start, end):
         position = start + 1
         while position < end:
@@ -158,8 +251,13 @@ class EmojiReplacer:
     def _rewrite_cluster(self, cluster):
         found = {i for position in range(len(cluster))
                  if (key := self.longest_key_at(cluster, position))
-                 for i in self.prefix_keys[key]}
+                 for i in self.prefix_key_indices(key)}
         return self.replace_in_order(cluster, [self.keys[i] for i in sorted(found)])
+
+    def prefix_key_indices(self, key):
+        """The indices of the keys that are prefixes of `key` (itself included): exactly the
+        keys that match where `key` is the longest match."""
+        return [i for n in range(1, len(key) + 1) if (i := self.index.get(key[:n])) is not None]
 
     def replace_in_order(self, text, keys):
         for key in keys:
@@ -172,14 +270,14 @@ class KeyStartFilter:
     a one-character key, or the first two characters of a longer one."""
 
     def __init__(self, keys):
-        heads = {key[:2] for key in keys if len(key) > 1}
-        self.row = dense_index(head[0] for head in heads)
-        self.column = dense_index(head[1] for head in heads)
+        heads = vocabulary_codes(''.join({key[:2] for key in keys if len(key) > 1}))
+        firsts, seconds = heads[0::2], heads[1::2]
+        self.row = dense_index(firsts)
+        self.column = dense_index(seconds)
         self.starts_pair = np.zeros((self.row.max() + 1, self.column.max() + 1), dtype=bool)
-        for head in heads:
-            self.starts_pair[self.row[ord(head[0])], self.column[ord(head[1])]] = True
+        self.starts_pair[self.row[firsts], self.column[seconds]] = True
         self.is_key = np.zeros(TAG_CODE_BASE, dtype=bool)
-        self.is_key[[ord(key) for key in keys if len(key) == 1]] = True
+        self.is_key[vocabulary_codes(''.join(key for key in keys if len(key) == 1))] = True
 
     def candidates(self, text):
         """Positions in `text`, ascending, where some key may start (a superset)."""
@@ -194,55 +292,74 @@ def text_codes(text):
     return np.frombuffer(text.encode('utf-32-le'), dtype=np.int32).copy()
 
 
-def dense_index(chars, size=TAG_CODE_BASE):
-    """An array mapping the code of each of `chars` to 1, 2, ..., every other code to 0."""
+def dense_index(codes, size=TAG_CODE_BASE):
+    """An array mapping each of `codes` to 1, 2, ... in ascending order, every other code
+    to 0."""
     index = np.zeros(size, dtype=np.int32)
-    distinct = sorted(set(chars))
-    index[[ord(char) for char in distinct]] = np.arange(1, len(distinct) + 1)
+    ascending = np.sort(codes)
+    # Each code that differs from the one before. Not np.unique: its first call in a
+    # process costs more than building all the tables.
+    distinct = ascending[np.diff(ascending, prepend=-1) != 0]
+    index[distinct] = np.arange(1, len(distinct) + 1)
     return index
 
 
-def key_meets_tag(key, tag):
-    """Whether an occurrence of `key` could overlap an occurrence of `tag` in any text."""
-    return (key in tag or tag in key
-            or any(tag.startswith(key[-n:]) or tag.endswith(key[:n]) for n in range(1, len(key))))
+def encoded_ids(tokens, ids):
+    """The id that the text of each entry encodes to: its own, unless a later entry repeats
+    it. [len(tokens)]"""
+    if len(ids) == len(tokens):  # no entry is repeated
+        return np.arange(len(tokens), dtype=np.int32)
+    return np.fromiter(map(ids.__getitem__, tokens), dtype=np.int32, count=len(tokens))
+
+
+def decoded_entries(tokens, tag_ids, emoji_inv):
+    """The text each entry decodes to. [len(tokens)]
+
+    `tag_ids` are the ids of the entries starting with "<": only those (emoji and
+    whitespace tags) decode to something other than themselves.
+    """
+    decoded = list(tokens)
+    for i in tag_ids:
+        token = tokens[i]
+        decoded[i] = (emoji_inv.get(token, token) if is_emoji_token(token)
+                      else DECODED_TAGS.get(token, token))
+    return decoded
 
 
 class Encoder:
     """Text to ids and back (ENCODER.md). `tokens[id]` is the vocabulary entry of `id`."""
 
     def __init__(self, tokens, emoji, emoji_inv):
-        check_vocabulary_shape(tokens)
         self.tokens = list(tokens)
-        self.ids = {token: i for i, token in enumerate(self.tokens)}
+        entries = entry_codes(self.tokens)
+        check_vocabulary_shape(self.tokens, entries)
+        # Where an entry is repeated, its text encodes to the last one's id.
+        self.ids = dict(zip(self.tokens, range(len(self.tokens))))
         self.eot_id = self.ids[END_OF_TEXT]
         self.replace_emoji = EmojiReplacer(emoji)
-        self.decoded = [emoji_inv.get(t, t) if is_emoji_token(t) else DECODED_TAGS.get(t, t)
-                        for t in self.tokens]
+        tag_ids = np.flatnonzero(entries.first == ord(TAG_START)).tolist()
+        self.decoded = decoded_entries(self.tokens, tag_ids, emoji_inv)
         self.byte_ids = np.array([self.ids[byte_token(b)] for b in range(255)] + [-1])
-        tags = [t for t in self.tokens if t.startswith(TAG_START)]
-        self.tag_regex = trie_regex(tags)
-        self._build_match_tables()
+        self.tag_regex = trie_regex([self.tokens[i] for i in tag_ids])
+        self._build_match_tables(entries)
 
-    def _build_match_tables(self):
+    def _build_match_tables(self, entries):
+        text_ids = encoded_ids(self.tokens, self.ids)
         # single_ids[code]: the id of the one-character entry `code`, or of the tag whose
         # id is code - TAG_CODE_BASE; -1 where the character falls back to bytes.
         self.single_ids = np.full(TAG_CODE_BASE + len(self.tokens), -1, dtype=np.int32)
         self.single_ids[TAG_CODE_BASE:] = np.arange(len(self.tokens))
-        pairs = [token for token in self.tokens
-                 if len(token) == 2 and not token.startswith(TAG_START)]
-        for i, token in enumerate(self.tokens):
-            if len(token) == 1:
-                self.single_ids[ord(token)] = i
+        singles = entries.lengths == 1
+        self.single_ids[entries.first[singles]] = text_ids[singles]
         # Two-character entries as a dense table: pair_ids[row[first], column[second]].
         # Row and column 0 stand for characters that begin or end no pair (-1 there).
-        self.pair_row = dense_index((token[0] for token in pairs), len(self.single_ids))
-        self.pair_column = dense_index((token[1] for token in pairs), len(self.single_ids))
+        pairs = (entries.lengths == 2) & (entries.first != ord(TAG_START))
+        firsts, seconds = entries.first[pairs], entries.second[pairs]
+        self.pair_row = dense_index(firsts, len(self.single_ids))
+        self.pair_column = dense_index(seconds, len(self.single_ids))
         self.pair_ids = np.full((self.pair_row.max() + 1, self.pair_column.max() + 1), -1,
                                 dtype=np.int32)
-        for token in pairs:
-            self.pair_ids[self.pair_row[ord(token[0])], self.pair_column[ord(token[1])]] = \
-                self.ids[token]
+        self.pair_ids[self.pair_row[firsts], self.pair_column[seconds]] = text_ids[pairs]
 
     def __len__(self):
         return len(self.tokens)

@@ -1,18 +1,22 @@
 """The encoder gives the ids of the released models: the reference cases, and the same
 ids and text as the plain reading of ENCODER.md (tests/plain_encoder.py) on thousands of
-generated texts.
+generated texts; and each shortcut taken in building the encoder gives what its plain
+definition gives.
 
 Run: python3 -m pytest -q tests/test_encoder.py
 """
+import itertools
 import json
+import shutil
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from encoder import Encoder, VocabularyError, get_encoder
-from encoder.bpe import EmojiReplacer
+from encoder.bpe import EmojiReplacer, any_key_meets_a_tag, trie_regex
 from plain_encoder import PlainEncoder
+from synthetic_vocab import synthetic_tokens
 
 GENERATED = settings(max_examples=1000, derandomize=True, deadline=None,
                      suppress_health_check=[HealthCheck.too_slow])
@@ -161,10 +165,119 @@ def test_emoji_falls_back_to_whole_text_pass_where_a_tag_can_complete_a_key():
     assert replace('xy') == '<<U>'
 
 
-def test_unexpected_vocabulary_shape_is_refused():
-    tokens = ['a', 'abc'] + [f'<|byte{b}|>' for b in range(255)] + ['<|endoftext|>']
-    with pytest.raises(VocabularyError, match='abc'):
+BYTES_AND_END = [f'<|byte{b}|>' for b in range(255)] + ['<|endoftext|>']
+LONG = 'only entries starting with "<" may be longer than two characters'
+
+
+@pytest.mark.parametrize('tokens, message', [
+    (['a', 'abc'] + BYTES_AND_END, f"unexpected vocabulary entry 'abc': {LONG}"),
+    # The first offender in vocabulary order is named, whatever its fault.
+    (['a', 'b<', 'abc'] + BYTES_AND_END, 'unexpected vocabulary entry \'b<\': "<" inside an entry'),
+    (['a', 'abc', 'b<'] + BYTES_AND_END, f"unexpected vocabulary entry 'abc': {LONG}"),
+    (['<a<'] + BYTES_AND_END, 'unexpected vocabulary entry \'<a<\': "<" inside an entry'),
+    (['a', '', 'abc'] + BYTES_AND_END, "unexpected vocabulary entry ''"),
+    (['a', 'abc'] + BYTES_AND_END[1:], f"unexpected vocabulary entry 'abc': {LONG}"),
+    (['a'] + BYTES_AND_END[:7] + BYTES_AND_END[8:], 'vocabulary lacks <|byte7|>'),
+    (['a'] + BYTES_AND_END[:-1], 'vocabulary lacks <|endoftext|>'),
+])
+def test_unexpected_vocabulary_shape_is_refused(tokens, message):
+    with pytest.raises(VocabularyError) as error:
         Encoder(tokens, {}, {})
+    assert str(error.value) == message
+
+
+def test_a_repeated_entry_encodes_to_its_last_id_and_each_copy_decodes(tmp_path,
+                                                                      synthetic_vocab_dir):
+    tokens = synthetic_tokens()
+    tokens[1:1] = ['は', '<SP>', 'から', '<|emoji1|>']  # each is also elsewhere, before or after
+    (tmp_path / 'ja-bpe.txt').write_text('\n'.join(tokens), encoding='utf-8')
+    shutil.copy(synthetic_vocab_dir / 'emoji.json', tmp_path)
+    fast, plain = get_encoder(tmp_path), PlainEncoder(tmp_path)
+    text = '吾輩は猫 から😀 '
+    assert fast.encode(text) == plain.encode(text)
+    assert fast.decode(range(len(tokens))) == plain.decode(range(len(tokens)))
+
+
+def test_an_entry_holding_a_lone_surrogate_is_accepted_as_any_other():
+    encoder = Encoder(['a', '\ud800'] + BYTES_AND_END, {}, {})
+    assert encoder.decode([1, 0]) == '\ud800a'
+
+
+# -- building the encoder: each shortcut gives what its plain definition gives ------------
+
+def key_meets_tag(key, tag):
+    """Whether an occurrence of `key` could overlap an occurrence of `tag` in some text: the
+    plain definition that bpe.any_key_meets_a_tag answers for many keys and tags at once."""
+    return (key in tag or tag in key
+            or any(tag.startswith(key[-n:]) or tag.endswith(key[:n]) for n in range(1, len(key))))
+
+
+def plain_may_extend(keys):
+    """The keys inside which another key may start and run past their end."""
+    proper_prefixes = {key[:n] for key in keys for n in range(1, len(key))}
+    return {key for key in keys if any(key[j:] in proper_prefixes for j in range(1, len(key)))}
+
+
+# Every string of one to three characters over a small alphabet: between them, every way
+# for two short strings to overlap at either end, contain one another or miss.
+SHORT_STRINGS = [''.join(chars) for n in range(1, 4)
+                 for chars in itertools.product('ab<', repeat=n)]
+
+
+def test_key_meets_tag_check_equals_the_plain_definition_for_each_pair():
+    for key, tag in itertools.product(SHORT_STRINGS, SHORT_STRINGS):
+        assert any_key_meets_a_tag([key], [tag]) == key_meets_tag(key, tag), (key, tag)
+
+
+@pytest.mark.parametrize('key, meets', [
+    ('😀', False), ('(^_^)', False),
+    ('x<', True), ('x<|e', True),  # runs into a tag
+    ('>x', True), ('1|>x', True),  # a tag runs into it
+    ('moji1', True), ('<|emoji2|>', True),  # inside a tag
+    ('x<|emoji1|>y', True),  # holds a tag
+    ('e|', False), ('x>y', False), ('2<|emoji1', True),  # shares characters with the tags
+])
+def test_key_meets_tag_check_on_emoji_tags(key, meets):
+    tags = ['<|emoji1|>', '<|emoji2|>']
+    assert any_key_meets_a_tag(['😀', key], tags) == meets
+    assert any(key_meets_tag(key, tag) for tag in tags) == meets
+
+
+@settings(max_examples=500, derandomize=True, deadline=None)
+@given(keys=st.lists(st.text('ab<>', max_size=4), max_size=6),
+       tags=st.lists(st.text('ab<>', max_size=4), max_size=3))
+def test_key_meets_tag_check_equals_the_plain_definition_for_sets(keys, tags):
+    assert any_key_meets_a_tag(keys, tags) == any(
+        key_meets_tag(key, tag) for key in keys for tag in tags)
+
+
+@settings(max_examples=500, derandomize=True, deadline=None)
+@given(keys=st.lists(st.text('ab|', min_size=1, max_size=5), min_size=1, max_size=8,
+                     unique=True))
+def test_may_extend_equals_the_plain_definition(keys):
+    replace = EmojiReplacer({key: '<|emoji1|>' for key in keys})
+    assert {key for key in keys if replace.may_extend(key)} == plain_may_extend(keys)
+
+
+def test_shortcuts_equal_their_plain_definitions_on_the_released_emoji(plain):
+    replace = EmojiReplacer(plain.emoji)
+    may_extend = {key for key in replace.keys if replace.may_extend(key)}
+    assert may_extend == plain_may_extend(replace.keys)
+    tags = set(plain.emoji.values())
+    assert replace.tags_are_barriers
+    assert not any(key_meets_tag(key, tag) for key in replace.keys for tag in tags)
+
+
+@settings(max_examples=500, derandomize=True, deadline=None)
+@given(words=st.lists(st.text('ab-]^\\|', min_size=1, max_size=4), min_size=1, max_size=10),
+       text=st.text('ab-]^\\|', max_size=12))
+def test_tag_regex_matches_the_longest_word_at_each_position(words, text):
+    regex = trie_regex(words)
+    for position in range(len(text)):
+        longest = max((word for word in words if text.startswith(word, position)), key=len,
+                      default=None)
+        match = regex.match(text, position)
+        assert (match and match.group()) == longest, position
 
 
 def test_lone_surrogate_is_refused_like_the_original(synthetic_encoder, synthetic_plain):
