@@ -4,6 +4,7 @@ state (`model/wte/Adam`, `model/wte/Adam_1`, `beta1_power`, `beta2_power`) and r
 
 Each optimizer is a description of its state plus an update: `initial_state(shapes)` gives
 the state's checkpoint names and initial values; `apply(variable, grad, slots, scalars, lr)`
+(optionally with `constants=`, the tensors of `constants()` made once for many variables)
 updates one variable and its slots in place with TF's fused training kernels (the very ops
 TF1's optimizers run: one pass over memory, no temporaries), so the trainer can run it on
 each device's copy of a variable (tf.distribute's `extended.update`).
@@ -32,7 +33,11 @@ class SGD:
     # Shared scalar -> the factor it is multiplied by each applied step (the beta powers).
     scalar_factors = {}
 
-    def apply(self, variable, grad, slots, scalars, lr):
+    def constants(self):
+        """Its hyperparameters as tensors, to share between the updates of many variables."""
+        return {}
+
+    def apply(self, variable, grad, slots, scalars, lr, *, constants=None):
         return tf.raw_ops.ResourceApplyGradientDescent(var=variable.handle, alpha=lr, delta=grad)
 
 
@@ -51,7 +56,10 @@ class Adagrad:
 
     scalar_factors = {}
 
-    def apply(self, variable, grad, slots, scalars, lr):
+    def constants(self):
+        return {}
+
+    def apply(self, variable, grad, slots, scalars, lr, *, constants=None):
         return tf.raw_ops.ResourceApplyAdagrad(var=variable.handle, accum=slots[0].handle, lr=lr,
                                                grad=grad)
 
@@ -78,13 +86,17 @@ class Adam:
     def scalar_factors(self):
         return {'beta1_power': self.beta1, 'beta2_power': self.beta2}
 
-    def apply(self, variable, grad, slots, scalars, lr):
+    def constants(self):
+        return {name: tf.constant(value, tf.float32)
+                for name, value in (('beta1', self.beta1), ('beta2', self.beta2), ('epsilon', self.epsilon))}
+
+    def apply(self, variable, grad, slots, scalars, lr, *, constants=None):
         m, v = slots
+        constants = constants or self.constants()
         return tf.raw_ops.ResourceApplyAdam(
             var=variable.handle, m=m.handle, v=v.handle, beta1_power=scalars['beta1_power'],
-            beta2_power=scalars['beta2_power'], lr=lr, beta1=tf.constant(self.beta1, tf.float32),
-            beta2=tf.constant(self.beta2, tf.float32), epsilon=tf.constant(self.epsilon, tf.float32),
-            grad=grad)
+            beta2_power=scalars['beta2_power'], lr=lr, beta1=constants['beta1'],
+            beta2=constants['beta2'], epsilon=constants['epsilon'], grad=grad)
 
 
 OPTIMIZERS = {'adam': Adam, 'adagrad': Adagrad, 'sgd': SGD}

@@ -213,19 +213,23 @@ class Trainer:
     # -- across replicas ---------------------------------------------------------------
     def _apply(self, strategy, grads, learning_rate, finite):
         """Update every copy of every variable, unless `finite` is false; count the step
-        either way. Everything a device's update reads goes in through `args`, which
-        tf.distribute resolves to that device's copy. One tf.cond holds the whole update:
+        either way. The variables, their slots and gradients go in through `args`, which
+        tf.distribute resolves to each device's copy. One tf.cond holds the whole update:
         one per variable made the step's graph twice the size, and tracing and optimising
-        it most of the first step's time."""
+        it most of the first step's time. What every variable's update shares (the beta
+        powers, read once: every copy holds the same value; the optimizer's constants) is
+        made once, not once a variable: ~5 ops of each variable's 6, and tracing an op is
+        what the update's share of the first step costs."""
         extended = strategy.extended
 
-        def apply_one(variable, grad, learning_rate, *state):
-            scalars = dict(zip(self.scalars, (tf.convert_to_tensor(v) for v in state[:len(self.scalars)])))
-            return self.optimizer.apply(variable, grad, state[len(self.scalars):], scalars, learning_rate)
+        def apply_one(variable, grad, learning_rate, scalars, constants, *slots):
+            return self.optimizer.apply(variable, grad, slots, scalars, learning_rate, constants=constants)
 
         def update_all():
+            scalars = {name: tf.convert_to_tensor(v) for name, v in self.scalars.items()}
+            constants = self.optimizer.constants()
             updates = [extended.update(variable, apply_one, group=False,
-                                       args=(grad, learning_rate, *self.scalars.values(), *slots))
+                                       args=(grad, learning_rate, scalars, constants, *slots))
                        for variable, grad, slots in zip(self.params, grads, self.slots)]
             # The beta powers advance only after every variable has read them.
             with tf.control_dependencies(tf.nest.flatten(updates)):
