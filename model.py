@@ -198,8 +198,8 @@ def traced_once(fn):
     traced = tf.function(fn, autograph=False)
 
     @functools.wraps(fn)
-    def call(*args):
-        return (fn if tf.executing_eagerly() else traced)(*args)
+    def call(*args, **kwargs):
+        return (fn if tf.executing_eagerly() else traced)(*args, **kwargs)
     call.tracing_count = traced.experimental_get_tracing_count
     return call
 
@@ -598,18 +598,9 @@ def _training_block(w, x, *, batch, n_head):
     return block(w, x, attention, activation=training_gelu, norm=training_layer_norm)
 
 
-# Traced once (per shapes, formats and sizes) and called by every layer with that layer's
-# weights: the step's graph holds one call op a layer instead of a copy of the block's
-# ~400 ops, and the backward pass of the call is built once for all layers, where the
-# tape used to differentiate every copy. TensorFlow inlines the calls when it optimises
-# the step's graph, so what runs is the same. Python control flow only: no autograph.
-_traced_training_block = tf.function(_training_block, autograph=False)
-
-
-def layer_tensors(params, layer):
-    """`layer_weights` read as tensors (a variable is read once, here, in the caller's graph),
-    the arguments of a traced block."""
-    return {name: tf.convert_to_tensor(value) for name, value in layer_weights(params, layer).items()}
+# Traced once (`traced_once`), the block's backward pass is also built once for all layers,
+# where the tape used to differentiate every copy.
+_traced_training_block = traced_once(_training_block)
 
 
 def training_hidden(params, tokens, *, hparams, recompute=False):
