@@ -53,11 +53,17 @@ def add_model_flags(parser, *, flag='--model', default='gpt2ja-medium'):
                              '(fetched when absent)')
 
 
-def prepare_tensorflow(*, verbose=False, gpu=None):
+def prepare_tensorflow(*, verbose=False, gpu=None, optimise_graphs=True):
     """Set up TensorFlow's environment and import it; call before TensorFlow is imported.
 
     gpu: None leaves the devices as TensorFlow finds them; "0", "0,1", ... select GPUs (a
     note on stderr says so when TensorFlow cannot see them); "-1" hides every GPU.
+    optimise_graphs: False switches off TensorFlow's graph optimiser (Grappler) for the
+    process. It runs before the first call of every traced function, over the whole graph
+    twice, and is most of that call's time (0.5-1 s at gpt2ja-small on a 2-core CPU); on the
+    inference graphs (scores, vectors, the sampling step) it gains nothing measurable per
+    token (report/startup.md), so those scripts skip it. Training keeps it: its rewrites
+    make a step faster.
     Returns the `tensorflow` module, imported silently unless `verbose`.
     """
     requested = None
@@ -83,6 +89,8 @@ def prepare_tensorflow(*, verbose=False, gpu=None):
         tf.get_logger().setLevel(logging.ERROR)
         tf.autograph.set_verbosity(0)
     _allow_gpu_memory_growth(tf)
+    if not optimise_graphs:
+        tf.config.optimizer.set_experimental_options({'disable_meta_optimizer': True})
     if requested:
         note_missing_gpus(tf, requested)
     return tf

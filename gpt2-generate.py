@@ -71,7 +71,7 @@ def check_args(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
-    cli.prepare_tensorflow(verbose=args.verbose, gpu=args.gpu)
+    cli.prepare_tensorflow(verbose=args.verbose, gpu=args.gpu, optimise_graphs=False)
     compute_precision = precision.resolve_precision(args.precision)
     import sample
     from model_dir import load_model_dir

@@ -37,7 +37,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    cli.prepare_tensorflow(verbose=args.verbose, gpu=args.gpu)
+    cli.prepare_tensorflow(verbose=args.verbose, gpu=args.gpu, optimise_graphs=False)
     compute_precision = precision.resolve_precision(args.precision)
     import scoring
     from model_dir import load_model_dir

@@ -52,7 +52,7 @@ def numbered_texts(lines, name):
 
 def main(argv=None):
     args = parse_args(argv)
-    cli.prepare_tensorflow(verbose=args.verbose, gpu=args.gpu)
+    cli.prepare_tensorflow(verbose=args.verbose, gpu=args.gpu, optimise_graphs=False)
     compute_precision = precision.resolve_precision(args.precision)
     import scoring
     from model_dir import load_model_dir

@@ -48,6 +48,15 @@ def _require(path, what):
     return path
 
 
+@pytest.fixture(autouse=True)
+def graph_optimiser_restored():
+    """The inference scripts switch TensorFlow's graph optimiser off for their whole process;
+    run in-process here, they must not switch it off for the tests that follow them."""
+    was_off = tf.config.optimizer.get_experimental_options().get('disable_meta_optimizer', False)
+    yield
+    tf.config.optimizer.set_experimental_options({'disable_meta_optimizer': was_off})
+
+
 @pytest.fixture(scope='session')
 def shared_dir():
     return _require(SHARED, 'the shared data')

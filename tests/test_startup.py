@@ -1,4 +1,6 @@
 """What makes the scripts start fast and stay lean: loading, the sampler's weights, progress, --xla."""
+import io
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -6,7 +8,7 @@ import tensorflow as tf
 import model
 import sample
 from conftest import TINY
-from helpers import load_script
+from helpers import load_script, run_main
 from model_dir import load_model_dir
 
 
@@ -74,6 +76,18 @@ def test_the_sampling_step_traces_the_cached_block_once():
     sampler.start([[1, 2, 3], [4]], [False, False])
     assert model._traced_cached_block.tracing_count() == traces + 1
     assert len(block_calls(sampler._advance.get_concrete_function().graph)) == THREE_LAYERS.n_layer
+
+
+@pytest.mark.parametrize('script_name, args', [
+    ('gpt2-score.py', ['-']),
+    ('gpt2-transform.py', ['--context', 'あいう']),
+    ('gpt2-generate.py', ['--context', 'あいう', '--max_length', '3', '--seed', '1']),
+])
+def test_the_inference_scripts_skip_the_graph_optimiser(script_name, args, tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.setattr('sys.stdin', io.TextIOWrapper(io.BytesIO('あいう\n'.encode())))
+    assert not tf.config.optimizer.get_experimental_options().get('disable_meta_optimizer', False)
+    run_main(load_script(script_name), capsys, '--model', tiny_model_dir, *args)
+    assert tf.config.optimizer.get_experimental_options()['disable_meta_optimizer']
 
 
 def test_progress_counts_characters_and_finishes_samples_that_end_early(monkeypatch):
