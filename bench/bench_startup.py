@@ -136,10 +136,20 @@ def make_inputs(scratch, corpus, vocab, code):
 
 # --- in-process probes (run as child processes of this script) -------------------------------
 
+def prepare_as_the_inference_scripts_do():
+    """TensorFlow set up as gpt2-score/-transform/-generate set it up: the graph optimiser off,
+    where the code measured has that switch."""
+    import inspect
+
+    import cli
+    if 'optimise_graphs' in inspect.signature(cli.prepare_tensorflow).parameters:
+        return cli.prepare_tensorflow(optimise_graphs=False)
+    return cli.prepare_tensorflow()
+
+
 def probe_steady(model_dir, lines_file):
     """Decode ms a step (batch 1 and 8, slots ~10-60) and scoring tokens/s, batches of 32."""
-    import cli
-    cli.prepare_tensorflow()
+    prepare_as_the_inference_scripts_do()
     import numpy as np
 
     import sample
@@ -198,8 +208,7 @@ def probe_overhead(model_dir, code):
     to a terminal and with its progress bar, against the same number of bare steps."""
     import importlib.util
 
-    import cli
-    cli.prepare_tensorflow()
+    prepare_as_the_inference_scripts_do()
     import numpy as np
 
     import sample
