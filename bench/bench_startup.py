@@ -38,7 +38,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRATCH = REPO / 'bench' / 'out' / 'startup'
-MEASUREMENTS = ('import', 'score1', 'generate1', 'transform1', 'finetune', 'memory', 'e2e', 'steady', 'overhead')
+MEASUREMENTS = ('import', 'score1', 'generate1', 'transform1', 'finetune', 'memory', 'e2e', 'steady', 'overhead',
+                'optimiser')
 CONTEXT = '吾輩は猫である。名前はまだ無い。'
 
 
@@ -186,6 +187,50 @@ def probe_steady(model_dir, lines_file):
     print(json.dumps(result))
 
 
+def probe_optimiser(model_dir, lines_file, rounds=8):
+    """The steady state with TensorFlow's graph optimiser on and off, alternated in one
+    process: a traced function is optimised, or not, at its first call, under the setting of
+    that moment, so both versions of each function can run side by side. Medians of `rounds`
+    alternations: scoring tokens/s (32 short lines), decode ms a step (batch 1 and 8)."""
+    import cli
+    tf = cli.prepare_tensorflow()
+    import numpy as np
+
+    import sample
+    import scoring
+    from model_dir import load_model_dir
+    loaded = load_model_dir(model_dir)
+    hparams, encoder = loaded.hparams, loaded.load_encoder()
+    params = loaded.load_parameters()
+    texts = [line for line in Path(lines_file).read_text(encoding='utf-8').splitlines() if line][:32]
+    n_tokens = sum(len(encoder.encode(text)) + 1 for text in texts)
+    ways = ('on', 'off')
+    runners, samplers = {}, {}
+    for way in ways:
+        tf.config.optimizer.set_experimental_options({'disable_meta_optimizer': way == 'off'})
+        runners[way] = scoring.ModelRunner(params, hparams)
+        list(scoring.score_texts(runners[way], encoder, texts, batch_size=32))  # traced and optimised now
+        for batch in (1, 8):
+            sampler = sample.BatchSampler(params, hparams, batch_size=batch, settings=sample.Settings(top_k=40),
+                                          eot_id=encoder.eot_id, rng=sample.make_rng(0))
+            tokens, slot = sampler.start([[encoder.eot_id] * 8] * batch, np.zeros(batch, bool), new_tokens=5 * rounds)
+            samplers[way, batch] = [sampler, tokens, slot]
+    times = {}
+    for _ in range(rounds):
+        for way in ways:
+            started = time.perf_counter()
+            list(scoring.score_texts(runners[way], encoder, texts, batch_size=32))
+            times.setdefault(f'score_tokens_per_s_{way}', []).append(n_tokens / (time.perf_counter() - started))
+            for batch in (1, 8):
+                sampler, tokens, slot = samplers[way, batch]
+                started = time.perf_counter()
+                for i in range(5):
+                    tokens = sampler.step(tokens, slot + i, np.zeros(batch, bool))
+                times.setdefault(f'decode_ms_batch{batch}_{way}', []).append((time.perf_counter() - started) / 5 * 1e3)
+                samplers[way, batch][1:] = [tokens, slot + 5]
+    print(json.dumps({name: float(np.median(values)) for name, values in times.items()}))
+
+
 class FakeTerminal:
     """A stream that says it is a terminal and throws its text away."""
 
@@ -286,7 +331,7 @@ def main():
     args = parser.parse_args()
     if args.probe:
         kind, *rest = args.probe
-        return {'steady': probe_steady, 'overhead': probe_overhead}[kind](*rest)
+        return {'steady': probe_steady, 'overhead': probe_overhead, 'optimiser': probe_optimiser}[kind](*rest)
 
     code = Path(args.code).resolve()
     SCRATCH.mkdir(parents=True, exist_ok=True)
@@ -359,6 +404,13 @@ def main():
         print(f'steady      decode {figures["decode_ms_batch1"]:.1f} ms a token (batch 1), '
               f'{figures["decode_ms_batch8"]:.1f} ms a step (8 rows); scoring '
               f'{figures["score_tokens_per_s"]:.0f} tokens/s (batches of 32 short lines)', flush=True)
+    if 'optimiser' in wanted:
+        f = run_probe('optimiser', model_dir, SCRATCH / 'lines200.txt', code=code)
+        ratio = lambda name: f[f'{name}_off'] / f[f'{name}_on']
+        print(f'optimiser   graph optimiser off/on, alternated in one process (medians): scoring '
+              f'{f["score_tokens_per_s_off"]:.0f} / {f["score_tokens_per_s_on"]:.0f} tokens/s = '
+              f'{ratio("score_tokens_per_s"):.3f}x; decode batch 1 {ratio("decode_ms_batch1"):.3f}x, '
+              f'8 rows {ratio("decode_ms_batch8"):.3f}x the time a step', flush=True)
     if 'overhead' in wanted:
         f = run_probe('overhead', model_dir, code, code=code)
         bare = f['bare_s_per_token']
