@@ -345,6 +345,16 @@ class Filling:
             raise self._error
 
 
+def trace_then_wait(function, parameters_ready):
+    """Trace `function` (a tf.function with an input signature) while the parameters it reads
+    may still be being filled, then wait for them: `parameters_ready` is `Filling.wait`, or
+    None once it has been called. Returns None, for the caller to keep as its
+    `parameters_ready`: the wait is owed once, before the first run."""
+    if parameters_ready is not None:
+        function.get_concrete_function()
+        parameters_ready()
+
+
 def read_tensors(prefix, names):
     """Any named tensors of a checkpoint (optimizer slots, step counters) as numpy arrays."""
     reader = tf.train.load_checkpoint(prefix)

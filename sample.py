@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 import model
+from model_dir import trace_then_wait
 
 # How the original continues past one window: the last 256 characters of the text so far
 # become the next context.
@@ -169,10 +170,7 @@ class BatchSampler:
             padded[row, length - len(context):] = context
             first_slot[row] = length - len(context)
         self._first_slot.assign(first_slot)
-        if self._parameters_ready is not None:
-            self._advance.get_concrete_function()
-            self._parameters_ready()
-            self._parameters_ready = None
+        self._parameters_ready = trace_then_wait(self._advance, self._parameters_ready)
         return self._advance(padded, np.int32(0), np.asarray(no_eot)).numpy(), length
 
     def step(self, tokens, slot, no_eot):

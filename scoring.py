@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from model import forward
+from model_dir import trace_then_wait
 from streams import DEFAULT_BATCH_SIZE
 
 # Rows x padded length of one batch. Bounds the [batch, time, vocab] logits of scoring:
@@ -154,10 +155,7 @@ class ModelRunner:
 
     def _traced(self, function):
         """`function`, traced, once the parameters are ready to be read."""
-        if self._parameters_ready is not None:
-            function.get_concrete_function()
-            self._parameters_ready()
-            self._parameters_ready = None
+        self._parameters_ready = trace_then_wait(function, self._parameters_ready)
         return function
 
     def target_logprobs(self, rows):
