@@ -24,8 +24,12 @@ from ../shared/corpus/aozora; a small training set), then measures, in one run:
   overhead    in one process: a 400-character sample through gpt2-generate.py's main()
               (streaming to a terminal; or its progress bar) against bare steps, per token
                                                           (target: <= 1.1x).
-Process figures are the best of --repeats runs (noise only adds time). --code DIR runs the
-scripts of another checkout (same flags) for before/after comparisons. Figures: report/startup.md.
+Process figures are the best of --repeats runs (noise only adds time). Each script process
+is also given beyond its *own* TensorFlow import: it runs through bench/import_clock.py,
+which notes when `import tensorflow` returns in that process, so a slow or fast import in
+one process does not move the figure (the bare import above is a separate process, and on a
+shared machine it moves by seconds between runs). --code DIR runs the scripts of another
+checkout (same flags) for before/after comparisons. Figures: report/startup.md.
 """
 import argparse
 import json
@@ -43,23 +47,48 @@ MEASUREMENTS = ('import', 'score1', 'generate1', 'transform1', 'finetune', 'memo
 CONTEXT = '吾輩は猫である。名前はまだ無い。'
 
 
-def run_process_peak(command, *, cwd):
-    """(wall seconds, CPU seconds, peak RSS in MB) of one child process."""
+def read_import_clock(clock_file, launched):
+    """(seconds from launch to the end of the process's own TensorFlow import, CPU seconds
+    by then), from the file bench/import_clock.py writes; None where the import never ran."""
+    try:
+        wall, cpu = map(float, Path(clock_file).read_text().split())
+    except (OSError, ValueError):
+        return None
+    return wall - launched, cpu
+
+
+def clocked(command, clock_file):
+    """`command` (python SCRIPT ARGS...) run through bench/import_clock.py."""
+    return [command[0], str(REPO / 'bench' / 'import_clock.py'), str(clock_file), *command[1:]]
+
+
+def run_process_peak(command, *, cwd, clock=True):
+    """Of one child process: wall seconds, CPU seconds, peak RSS in MB, and the wall and CPU
+    seconds beyond its own TensorFlow import (with `clock`, for `python SCRIPT ARGS...`
+    commands; else, or for a process that never imports TensorFlow, None, None)."""
+    clock_file = SCRATCH / f'import-clock-{os.getpid()}'
+    clock_file.unlink(missing_ok=True)
+    launched = time.time()
     start = time.perf_counter()
-    child = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             stdin=subprocess.DEVNULL)
+    child = subprocess.Popen(clocked(command, clock_file) if clock else command, cwd=cwd, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - start
     if status:
         raise RuntimeError(f'{" ".join(map(str, command))} failed (status {status})')
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+    cpu = usage.ru_utime + usage.ru_stime
+    clock = read_import_clock(clock_file, launched)
+    beyond_own = (None, None) if clock is None else (wall - clock[0], cpu - clock[1])
+    return wall, cpu, usage.ru_maxrss / 1024, *beyond_own
 
 
-def best_process(command, *, cwd, repeats):
-    """The best wall and CPU times of `repeats` runs, and their highest peak RSS (MB). CPU
-    time is the steadier figure on a loaded machine (other jobs stretch the wall time)."""
-    runs = [run_process_peak(command, cwd=cwd) for _ in range(repeats)]
-    return min(r[0] for r in runs), min(r[1] for r in runs), max(r[2] for r in runs)
+def best_process(command, *, cwd, repeats, clock=True):
+    """The best wall and CPU times of `repeats` runs, their highest peak RSS (MB), and the
+    best wall and CPU times beyond each run's own import. CPU time is the steadier figure on
+    a loaded machine (other jobs stretch the wall time)."""
+    runs = [run_process_peak(command, cwd=cwd, clock=clock) for _ in range(repeats)]
+    best = lambda i: min(r[i] for r in runs) if runs[0][i] is not None else None
+    return best(0), best(1), max(r[2] for r in runs), best(3), best(4)
 
 
 def process_cpu_seconds(pid):
@@ -73,11 +102,15 @@ def process_cpu_seconds(pid):
 
 def finetune_first_steps(command, *, cwd):
     """Of a run_finetune.py process, stopped after its second step: (seconds from launch to
-    the first step's log line, seconds between the first and the second), and the same two
-    figures in the process's CPU seconds (None where /proc is missing)."""
+    the first step's log line, seconds between the first and the second), the same two
+    figures in the process's CPU seconds (None where /proc is missing), and the wall and CPU
+    seconds its own TensorFlow import had taken by its end."""
+    clock_file = SCRATCH / f'import-clock-{os.getpid()}'
+    clock_file.unlink(missing_ok=True)
+    launched = time.time()
     start = time.perf_counter()
-    child = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             stdin=subprocess.DEVNULL, text=True)
+    child = subprocess.Popen(clocked(command, clock_file), cwd=cwd, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     seen, cpu, lines = {}, {}, []
     for line in child.stderr:
         lines.append(line)
@@ -92,7 +125,8 @@ def finetune_first_steps(command, *, cwd):
     if 2 not in seen:
         raise RuntimeError('run_finetune.py printed no second step:\n' + ''.join(lines[-20:]))
     cpu_step = None if None in cpu.values() else cpu[2] - cpu[1]
-    return seen[1], seen[2] - seen[1], cpu[1], cpu_step
+    own_import, own_import_cpu = read_import_clock(clock_file, launched)
+    return seen[1], seen[2] - seen[1], cpu[1], cpu_step, own_import, own_import_cpu
 
 
 # --- inputs -----------------------------------------------------------------------------
@@ -345,15 +379,17 @@ def main():
           f'code: {code}; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}; '
           f'best of {args.repeats}', flush=True)
 
-    base, base_cpu, base_peak = best_process([py, '-c', 'import tensorflow'], cwd=code, repeats=args.repeats)
+    base, base_cpu, base_peak, _, _ = best_process([py, '-c', 'import tensorflow'], cwd=code,
+                                                   repeats=args.repeats, clock=False)
     print(f'import tensorflow: {base:.2f} s (CPU {base_cpu:.2f} s), peak {base_peak:.0f} MiB', flush=True)
     beyond = {}
 
     def process(name, command, target):
-        wall, cpu, peak = best_process(command, cwd=code, repeats=args.repeats)
+        wall, cpu, peak, own, own_cpu = best_process(command, cwd=code, repeats=args.repeats)
         beyond[name] = (wall - base, peak)
         print(f'{name:11s} {wall:6.2f} s = import + {wall - base:5.2f} s (target <= {target} s); '
-              f'CPU import + {cpu - base_cpu:5.2f} s; peak {peak:.0f} MiB', flush=True)
+              f'CPU import + {cpu - base_cpu:5.2f} s; beyond its own import {own:5.2f} s '
+              f'(CPU {own_cpu:5.2f} s); peak {peak:.0f} MiB', flush=True)
 
     m = ['--model', str(model_dir)]
     if 'score1' in wanted:
@@ -378,25 +414,27 @@ def main():
                 [py, 'run_finetune.py', '--dataset', str(dataset), '--base_model', str(model_dir),
                  '--checkpoint_dir', str(run_dir), '--run_name', f'startup-{os.getpid()}-{attempt}',
                  '--save_every', '0', '--max_steps', '3'], cwd=code))
-        # The run whose first step came soonest after its own step time is the least disturbed.
-        first, step, first_cpu, step_cpu = min(runs, key=lambda r: r[0] - r[1])
+        # The run whose first step came soonest after its own import and step time is the least disturbed.
+        first, step, first_cpu, step_cpu, own, own_cpu = min(runs, key=lambda r: r[0] - r[4] - r[1])
         cpu_text = ('' if first_cpu is None else
                     f'; CPU import + {first_cpu - base_cpu:.2f} s, a step {step_cpu:.2f} s, '
                     f'beyond the import and a step {first_cpu - base_cpu - step_cpu:.2f} s')
+        own_cpu_text = '' if first_cpu is None else f' (CPU {first_cpu - own_cpu - step_cpu:.2f} s)'
         print(f'finetune    first step logged {first:.2f} s = import + {first - base:.2f} s; a step '
               f'{step:.2f} s; beyond the import and a step {first - base - step:.2f} s (target <= 4)'
-              f'{cpu_text}', flush=True)
+              f'{cpu_text}; beyond its own import ({own:.2f} s) and a step {first - own - step:.2f} s'
+              f'{own_cpu_text}', flush=True)
     if 'e2e' in wanted:
         gen_args = ['--num_generate', '3', '--max_length', '100']
-        ours, *_ = run_process_peak([py, 'gpt2-generate.py', *m, *gen_args, '--seed', '1'], cwd=code)
+        ours, *_ = run_process_peak([py, 'gpt2-generate.py', *m, *gen_args, '--seed', '1'], cwd=code, clock=False)
         original, *_ = run_process_peak([py, str(REPO / 'bench' / 'original_scripts.py'), 'generate', *m,
-                                        *gen_args], cwd=code)
+                                        *gen_args], cwd=code, clock=False)
         print(f'e2e         three 100-character samples: ours {ours:.1f} s, original {original:.1f} s = '
               f'{original / ours:.1f}x (target >= 10)', flush=True)
         lines = str(SCRATCH / 'lines200.txt')
-        ours, *_ = run_process_peak([py, 'gpt2-score.py', *m, lines], cwd=code)
+        ours, *_ = run_process_peak([py, 'gpt2-score.py', *m, lines], cwd=code, clock=False)
         original, *_ = run_process_peak([py, str(REPO / 'bench' / 'original_scripts.py'), 'score', *m, lines],
-                                       cwd=code)
+                                       cwd=code, clock=False)
         print(f'e2e         200 short lines scored: ours {ours:.1f} s, original {original:.1f} s = '
               f'{original / ours:.1f}x (target >= 2.5)', flush=True)
     if 'steady' in wanted:
