@@ -9,8 +9,15 @@ MultiWorkerMirroredStrategy keeps a copy on every replica. One step:
   2. the replica context all-reduces (sums) loss and gradients; dividing by the number of
      real target tokens in the whole global batch makes them the large batch's mean;
   3. if the loss and every gradient are finite (their sum is), the optimizer updates every
-     copy of every variable (`merge_call` + `extended.update`, as TF's own optimizers do);
-     else nothing changes and the step reports it.
+     copy of every variable (`extended.update`, as TF's own optimizers do); else nothing
+     changes and the step reports it.
+Steps 1-2 and step 3 are two traced functions, and the host decides between them (it reads
+the loss every step anyway). One function holding the update under a `tf.cond` made the
+condition capture every variable, slot and gradient (~600 inputs): 0.4 s more tracing
+before the first step at gpt2ja-small, and a larger graph to optimise, for no gain at run
+time (the update has to wait for every gradient either way, to know whether they are
+finite). A second Ctrl-C between the two (finetune.loop.StopRequest) leaves the state as it
+was before the step.
 The variables carry checkpoint names (`model/...`, `model/wte/Adam`, `beta1_power`,
 `global_step`), so `tensors()` is what a TF1-layout checkpoint holds.
 """
@@ -99,7 +106,9 @@ class Trainer:
         # traced without autograph's rewriting, which is most of the tracing time.
         self._gradients = tf.function(self._micro_batch_gradients, jit_compile=xla, autograph=False)
         self._loss_sum = tf.function(self._micro_batch_loss, jit_compile=xla, autograph=False)
-        self._step = tf.function(self._distributed_step, autograph=False)
+        self._step_gradients = tf.function(self._distributed_gradients, autograph=False)
+        self._update = tf.function(self._distributed_update, autograph=False)
+        self._count_step = tf.function(self._distributed_count, autograph=False)
         self._evaluate = tf.function(self._distributed_loss, autograph=False)
 
     @property
@@ -120,9 +129,11 @@ class Trainer:
         if accumulate > 1 and self._gradient_sums is None:
             self._make_gradient_sums()
         n_ctx, scalar = self.hparams.n_ctx, tf.TensorSpec([], tf.float32)
-        self._step.get_concrete_function(tf.TensorSpec([accumulate, batch_size, n_ctx], tf.int32),
-                                         tf.TensorSpec([accumulate, batch_size, n_ctx - 1], tf.float32),
-                                         scalar, scalar, scalar)
+        self._step_gradients.get_concrete_function(
+            tf.TensorSpec([accumulate, batch_size, n_ctx], tf.int32),
+            tf.TensorSpec([accumulate, batch_size, n_ctx - 1], tf.float32), scalar, scalar)
+        self._update.get_concrete_function([tf.TensorSpec(p.shape, p.dtype) for p in self.params], scalar)
+        self._count_step.get_concrete_function()
 
     def step_number(self):
         self._filled()
@@ -198,7 +209,7 @@ class Trainer:
                             aggregation=tf.VariableAggregation.SUM)
                 for p in self.params]
 
-    def _replica_step(self, tokens, weights, total_weight, learning_rate, loss_scale):
+    def _replica_gradients(self, tokens, weights, total_weight, loss_scale):
         loss_sum, grads = self._accumulated_gradients(tokens, weights, total_weight, loss_scale)
         context = tf.distribute.get_replica_context()
         loss_sum, grads = context.all_reduce(tf.distribute.ReduceOp.SUM, (loss_sum, grads))
@@ -207,25 +218,30 @@ class Trainer:
         # overflows, which takes gradients near float32's limit: a step to skip as well.
         # One summing pass over each gradient, where is_finite would write a mask of it.
         finite = tf.math.is_finite(loss + tf.add_n([tf.reduce_sum(g) for g in grads]))
-        context.merge_call(self._apply, args=(grads, learning_rate, finite))
-        return loss, finite
+        return loss, finite, grads
 
     # -- across replicas ---------------------------------------------------------------
-    def _apply(self, strategy, grads, learning_rate, finite):
-        """Update every copy of every variable, unless `finite` is false; count the step
-        either way. The variables, their slots and gradients go in through `args`, which
-        tf.distribute resolves to each device's copy. One tf.cond holds the whole update:
-        one per variable made the step's graph twice the size, and tracing and optimising
-        it most of the first step's time. What every variable's update shares (the beta
-        powers, read once: every copy holds the same value; the optimizer's constants) is
-        made once, not once a variable: ~5 ops of each variable's 6, and tracing an op is
-        what the update's share of the first step costs."""
-        extended = strategy.extended
+    def _distributed_gradients(self, tokens, weights, total_weight, loss_scale):
+        """(mean token loss, whether it and every gradient are finite, the all-reduced
+        gradients: one value a replica, each replica's copy the same)."""
+        loss, finite, grads = self.strategy.run(self._replica_gradients, args=(
+            tokens, weights, total_weight, loss_scale))
+        local = self.strategy.experimental_local_results
+        return local(loss)[0], local(finite)[0], grads
 
-        def apply_one(variable, grad, learning_rate, scalars, constants, *slots):
-            return self.optimizer.apply(variable, grad, slots, scalars, learning_rate, constants=constants)
+    def _distributed_update(self, grads, learning_rate):
+        """Update every copy of every variable with its all-reduced gradient, and count the
+        step. `extended.update` runs the update on each device's copy with that device's
+        gradient. What every variable's update shares (the beta powers, read once: every copy
+        holds the same value; the optimizer's constants) is made once, not once a variable:
+        ~5 ops of each variable's 6, and tracing an op is what the update's share of the
+        first step costs."""
+        with self.strategy.scope():
+            extended = self.strategy.extended
 
-        def update_all():
+            def apply_one(variable, grad, learning_rate, scalars, constants, *slots):
+                return self.optimizer.apply(variable, grad, slots, scalars, learning_rate, constants=constants)
+
             scalars = {name: tf.convert_to_tensor(v) for name, v in self.scalars.items()}
             constants = self.optimizer.constants()
             updates = [extended.update(variable, apply_one, group=False,
@@ -233,19 +249,14 @@ class Trainer:
                        for variable, grad, slots in zip(self.params, grads, self.slots)]
             # The beta powers advance only after every variable has read them.
             with tf.control_dependencies(tf.nest.flatten(updates)):
-                powers = [extended.update(self.scalars[name], lambda v, factor=factor: v.assign(v * factor))
-                          for name, factor in self.optimizer.scalar_factors.items()]
-            return _as_op(tf.nest.flatten(updates) + tf.nest.flatten(powers))
+                for name, factor in self.optimizer.scalar_factors.items():
+                    extended.update(self.scalars[name], lambda v, factor=factor: v.assign(v * factor))
+            self._distributed_count()
 
-        # Every replica holds the same (all-reduced) verdict; the first one's decides.
-        tf.cond(strategy.experimental_local_results(finite)[0], update_all, tf.no_op)
-        extended.update(self.variables[STEP_VARIABLE], lambda v: v.assign_add(1))
-
-    def _distributed_step(self, tokens, weights, total_weight, learning_rate, loss_scale):
-        loss, finite = self.strategy.run(self._replica_step, args=(
-            tokens, weights, total_weight, learning_rate, loss_scale))
-        local = self.strategy.experimental_local_results
-        return local(loss)[0], local(finite)[0]
+    def _distributed_count(self):
+        """Count a step (applied or passed over) on every copy of the step variable."""
+        with self.strategy.scope():
+            self.strategy.extended.update(self.variables[STEP_VARIABLE], lambda v: v.assign_add(1))
 
     def _replica_loss(self, tokens, weights):
         values = [tf.convert_to_tensor(p) for p in self.params]
@@ -270,19 +281,17 @@ class Trainer:
         self._filled()
         if tokens.shape[0] > 1 and self._gradient_sums is None:
             self._make_gradient_sums()
-        loss, finite = self._step(self._split(tokens, 1), self._split(weights, 1),
-                                  tf.constant(max(float(weights.sum()), 1.0)),
-                                  tf.constant(learning_rate, tf.float32),
-                                  tf.constant(loss_scale, tf.float32))
-        return float(loss.numpy()), bool(finite.numpy())
+        loss, finite, grads = self._step_gradients(self._split(tokens, 1), self._split(weights, 1),
+                                                   tf.constant(max(float(weights.sum()), 1.0)),
+                                                   tf.constant(loss_scale, tf.float32))
+        applied = bool(finite.numpy())
+        if applied:
+            self._update(grads, tf.constant(learning_rate, tf.float32))
+        else:
+            self._count_step()
+        return float(loss.numpy()), applied
 
     def loss_sum(self, tokens, weights):
         """Summed token loss over tokens int32 [batch, n_ctx] (no update)."""
         self._filled()
         return float(self._evaluate(self._split(tokens, 0), self._split(weights, 0)).numpy())
-
-
-def _as_op(results):
-    """tf.cond wants both branches to return the same structure: nothing."""
-    with tf.control_dependencies(results):
-        return tf.no_op()
