@@ -50,11 +50,14 @@ def _require(path, what):
 
 @pytest.fixture(autouse=True)
 def graph_optimiser_restored():
-    """The inference scripts switch TensorFlow's graph optimiser off for their whole process;
-    run in-process here, they must not switch it off for the tests that follow them."""
-    was_off = tf.config.optimizer.get_experimental_options().get('disable_meta_optimizer', False)
+    """The scripts set TensorFlow's graph optimiser for their whole process (off for
+    inference, some passes off for training); run in-process here, they must not leave it
+    so for the tests that follow them."""
+    # TensorFlow's defaults: every pass on, the optimiser not disabled.
+    settings = {'disable_meta_optimizer': False, **{name: True for name in cli.IDLE_GRAPH_PASSES}}
+    before = {**settings, **tf.config.optimizer.get_experimental_options()}
     yield
-    tf.config.optimizer.set_experimental_options({'disable_meta_optimizer': was_off})
+    tf.config.optimizer.set_experimental_options({name: before[name] for name in settings})
 
 
 @pytest.fixture(scope='session')

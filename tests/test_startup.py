@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import cli
 import model
 import sample
 from conftest import TINY
@@ -256,3 +257,17 @@ def test_fine_tuning_from_a_damaged_checkpoint_is_one_line(tmp_path, tiny_model_
     assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith('script: error: checkpoint')
     assert 'unreadable' in result.stderr.strip().splitlines()[-1]
+
+
+def test_fine_tuning_keeps_the_graph_optimiser_less_its_idle_passes(tmp_path, tiny_model_dir, tiny_dataset, capfd):
+    from helpers import run_as_script
+    result = run_as_script(load_script('run_finetune.py').main,
+                           ['--dataset', tiny_dataset, '--base_model', tiny_model_dir, '--no-xla', '--max_steps', '1',
+                            '--checkpoint_dir', tmp_path / 'runs'], capfd)
+    assert result.returncode == 0, result.stderr
+    options = tf.config.optimizer.get_experimental_options()
+    assert not options.get('disable_meta_optimizer', False)
+    assert all(options[name] is False for name in cli.IDLE_GRAPH_PASSES)
+    # The passes that change the step's graph (the remapper's fusions make it faster) stay on.
+    assert all(options.get(name, True) for name in ('remapping', 'arithmetic_optimization', 'dependency_optimization'))
+
