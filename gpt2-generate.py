@@ -180,4 +180,4 @@ class StreamedText:
 
 
 if __name__ == '__main__':
-    cli.run_main(main)
+    cli.run_main(main, exit_at_once=True)

@@ -71,4 +71,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    cli.run_main(main)
+    cli.run_main(main, exit_at_once=True)

@@ -102,4 +102,4 @@ def write_vectors(vectors, output, *, progress=None):
 
 
 if __name__ == '__main__':
-    cli.run_main(main)
+    cli.run_main(main, exit_at_once=True)

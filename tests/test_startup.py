@@ -271,3 +271,36 @@ def test_fine_tuning_keeps_the_graph_optimiser_less_its_idle_passes(tmp_path, ti
     # The passes that change the step's graph (the remapper's fusions make it faster) stay on.
     assert all(options.get(name, True) for name in ('remapping', 'arithmetic_optimization', 'dependency_optimization'))
 
+
+@pytest.mark.slow
+def test_the_inference_scripts_end_at_once_with_all_their_output(tmp_path, tiny_model_dir):
+    """They skip the interpreter's teardown (cli.exit_without_teardown): what they print
+    through a pipe and write to files is still all there, and the exit code is theirs."""
+    import subprocess
+    import sys
+    from helpers import REPO, assert_usage_error, run_script
+    lines = [f'猫が{i}匹いる' for i in range(300)]
+    result = run_script('gpt2-score.py', '--model', tiny_model_dir, '--gpu', '-1', '-', stdin='\n'.join(lines) + '\n')
+    assert result.returncode == 0 and result.stderr == '', result.stderr
+    assert [line.split('\t')[0] for line in result.stdout.splitlines()] == lines
+
+    samples = tmp_path / 'samples.txt'
+    result = run_script('gpt2-generate.py', '--model', tiny_model_dir, '--gpu', '-1', '--context', '猫',
+                        '--num_generate', '3', '--max_length', '20', '--seed', '1', '--output_file', samples)
+    assert result.returncode == 0, result.stderr
+    written = samples.read_text(encoding='utf-8')
+    assert result.stdout == '' and len(written.split('========\n')) == 3 and written.endswith('\n'), written
+
+    # A reader that stops early (`... | head -n 1`): a quiet exit 0, as before.
+    child = subprocess.Popen([sys.executable, 'gpt2-transform.py', '--model', str(tiny_model_dir), '--gpu', '-1',
+                              '--input', '-'], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    child.stdin.write(('\n'.join(lines) + '\n').encode())
+    child.stdin.close()
+    assert child.stdout.readline().startswith(b'[')
+    child.stdout.close()
+    assert child.wait(timeout=120) == 0
+    assert child.stderr.read() == b''
+
+    assert_usage_error(run_script('gpt2-transform.py', '--model', tmp_path / 'nowhere', '--context', '猫'),
+                       'does not exist')
