@@ -125,8 +125,10 @@ def finetune_first_steps(command, *, cwd):
     if 2 not in seen:
         raise RuntimeError('run_finetune.py printed no second step:\n' + ''.join(lines[-20:]))
     cpu_step = None if None in cpu.values() else cpu[2] - cpu[1]
-    own_import, own_import_cpu = read_import_clock(clock_file, launched)
-    return seen[1], seen[2] - seen[1], cpu[1], cpu_step, own_import, own_import_cpu
+    clock = read_import_clock(clock_file, launched)
+    if clock is None:
+        raise RuntimeError(f'{clock_file} was not written: run_finetune.py trained without importing TensorFlow?')
+    return seen[1], seen[2] - seen[1], cpu[1], cpu_step, *clock
 
 
 # --- inputs -----------------------------------------------------------------------------
