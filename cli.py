@@ -173,7 +173,8 @@ def run_main(main, argv=None, *, prog=None, exit_at_once=False):
     without a traceback; a closed stdout pipe (`... | head`) -> quiet exit 0. `prog` names
     the program in error lines (default: the script's file name).
     exit_at_once: end the process as soon as `main` is done and the output is flushed,
-    skipping the interpreter's teardown (see exit_at_once); for a script's entry point only.
+    skipping the interpreter's teardown (see exit_without_teardown); for a script's entry
+    point only, as tests run `main` in their own process.
     """
     if prog is None:
         prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else 'gpt2'
