@@ -47,38 +47,40 @@ MEASUREMENTS = ('import', 'score1', 'generate1', 'transform1', 'finetune', 'memo
 CONTEXT = '吾輩は猫である。名前はまだ無い。'
 
 
-def read_import_clock(clock_file, launched):
-    """(seconds from launch to the end of the process's own TensorFlow import, CPU seconds
-    by then), from the file bench/import_clock.py writes; None where the import never ran."""
-    try:
-        wall, cpu = map(float, Path(clock_file).read_text().split())
-    except (OSError, ValueError):
-        return None
-    return wall - launched, cpu
+def launch_clocked(command, **popen_args):
+    """Start `command` (python SCRIPT ARGS...) through bench/import_clock.py. Returns the child
+    and a function giving, once it has run, (seconds from launch to the end of its own
+    TensorFlow import, its CPU seconds by then), or None where it never imported TensorFlow."""
+    clock_file = SCRATCH / f'import-clock-{os.getpid()}'
+    clock_file.unlink(missing_ok=True)
+    launched = time.time()
+    child = subprocess.Popen([command[0], str(REPO / 'bench' / 'import_clock.py'), str(clock_file), *command[1:]],
+                             **popen_args)
 
+    def read_clock():
+        try:
+            wall, cpu = map(float, clock_file.read_text().split())
+        except (OSError, ValueError):
+            return None
+        return wall - launched, cpu
 
-def clocked(command, clock_file):
-    """`command` (python SCRIPT ARGS...) run through bench/import_clock.py."""
-    return [command[0], str(REPO / 'bench' / 'import_clock.py'), str(clock_file), *command[1:]]
+    return child, read_clock
 
 
 def run_process_peak(command, *, cwd, clock=True):
     """Of one child process: wall seconds, CPU seconds, peak RSS in MB, and the wall and CPU
     seconds beyond its own TensorFlow import (with `clock`, for `python SCRIPT ARGS...`
     commands; else, or for a process that never imports TensorFlow, None, None)."""
-    clock_file = SCRATCH / f'import-clock-{os.getpid()}'
-    clock_file.unlink(missing_ok=True)
-    launched = time.time()
+    quiet = dict(cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     start = time.perf_counter()
-    child = subprocess.Popen(clocked(command, clock_file) if clock else command, cwd=cwd, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    child, read_clock = launch_clocked(command, **quiet) if clock else (subprocess.Popen(command, **quiet), None)
     _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - start
     if status:
         raise RuntimeError(f'{" ".join(map(str, command))} failed (status {status})')
     cpu = usage.ru_utime + usage.ru_stime
-    clock = read_import_clock(clock_file, launched)
-    beyond_own = (None, None) if clock is None else (wall - clock[0], cpu - clock[1])
+    import_end = read_clock and read_clock()
+    beyond_own = (None, None) if import_end is None else (wall - import_end[0], cpu - import_end[1])
     return wall, cpu, usage.ru_maxrss / 1024, *beyond_own
 
 
@@ -105,12 +107,9 @@ def finetune_first_steps(command, *, cwd):
     the first step's log line, seconds between the first and the second), the same two
     figures in the process's CPU seconds (None where /proc is missing), and the wall and CPU
     seconds its own TensorFlow import had taken by its end."""
-    clock_file = SCRATCH / f'import-clock-{os.getpid()}'
-    clock_file.unlink(missing_ok=True)
-    launched = time.time()
     start = time.perf_counter()
-    child = subprocess.Popen(clocked(command, clock_file), cwd=cwd, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    child, read_clock = launch_clocked(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                       stdin=subprocess.DEVNULL, text=True)
     seen, cpu, lines = {}, {}, []
     for line in child.stderr:
         lines.append(line)
@@ -125,10 +124,10 @@ def finetune_first_steps(command, *, cwd):
     if 2 not in seen:
         raise RuntimeError('run_finetune.py printed no second step:\n' + ''.join(lines[-20:]))
     cpu_step = None if None in cpu.values() else cpu[2] - cpu[1]
-    clock = read_import_clock(clock_file, launched)
-    if clock is None:
-        raise RuntimeError(f'{clock_file} was not written: run_finetune.py trained without importing TensorFlow?')
-    return seen[1], seen[2] - seen[1], cpu[1], cpu_step, *clock
+    import_end = read_clock()
+    if import_end is None:
+        raise RuntimeError('run_finetune.py trained without its import clock written (bench/import_clock.py)')
+    return seen[1], seen[2] - seen[1], cpu[1], cpu_step, *import_end
 
 
 # --- inputs -----------------------------------------------------------------------------

@@ -4,10 +4,10 @@
 
 Writes to CLOCK_FILE, when the `import tensorflow` that loads TensorFlow returns (wherever
 the script makes it), one line: the wall clock (`time.time()`) and the process's CPU
-seconds at that moment. A
-benchmark that noted the wall clock at launch can then give a process's time beyond its
-*own* import. That is steadier than subtracting a separate `python -c "import tensorflow"`
-on a machine whose load moves the import by seconds from one process to the next.
+seconds at that moment. A benchmark that noted the wall clock at launch can then give a
+process's time beyond its *own* import. That is steadier than subtracting a separate
+`python -c "import tensorflow"` on a machine whose load moves the import by seconds from
+one process to the next.
 
 Nothing else changes: the script runs as `__main__` with its own directory first on
 sys.path, and its environment is set up by its own code before TensorFlow loads (the
