@@ -87,12 +87,13 @@ def original_step(hparams, steps, tokens):
     """The original run_finetune.py's step: TF1 graph, tf.gradients, v1 Adam (float32)."""
     import tensorflow as tf
     import model
+    from original_scripts import whole_text_logits
     v1 = tf.compat.v1
     v1.disable_eager_execution()
     with v1.Session(graph=tf.Graph()) as session:
         context = v1.placeholder(tf.int32, [None, None])
         params = model.tf1_parameters(hparams)
-        logits = model.forward(params, context, hparams=hparams)['logits']
+        logits = whole_text_logits(params, context, hparams)
         loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
             labels=context[:, 1:], logits=logits[:, :-1]))
         variables = list(params.values())
