@@ -13,7 +13,9 @@ shape, [1024, 768] x [768, 3072], in float32 and bfloat16. Each configuration's 
 FLOPs a step (6 x parameters x tokens, plus the attention products, 12 x layers x n_ctx^2 x
 n_embd) per second is given as a share of the ceiling of its own precision.
 --profile adds, for each of --profile_configs, the share of a step's op time (the TF
-profiler's per-op timings) that is not matrix products, and its largest parts.
+profiler's per-op timings, in a child that runs one op at a time so that each op's time is
+its own) that is not matrix products, and its largest parts.
+`original` builds the original's graph (every layer in line: bench/original_scripts.py).
 A configuration written NAME@DIR runs the modules of the checkout at DIR (e.g.
 `--configs float32@/work/main,float32,float32@/work/main,float32` alternates another
 version's step with this one's in one run, as timing comparisons need).
@@ -162,6 +164,9 @@ def child_train(config, steps, model_dir):
 
 def child_profile(config, steps, model_dir):
     """Op time of `steps` training steps by op type (TF profiler), matrix products apart.
+    The executor runs one op at a time here (each still on all cores): with ops side by side,
+    as a step normally runs them, an op's time includes the time it waits for cores another
+    op holds, and a small op beside a matrix product looks as slow as the product.
     Counts the kernels TensorFlow's executor runs; code that XLA compiled (the training
     path's GELU) runs on XLA's own threads and is not counted."""
     import collections
@@ -172,6 +177,7 @@ def child_profile(config, steps, model_dir):
     from finetune.memory import prepare_process
     prepare_process(recompute=False)
     tf = cli.prepare_tensorflow()
+    tf.config.threading.set_inter_op_parallelism_threads(1)
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
     trainer, hparams, _ = make_trainer(config, model_dir)
     rng = np.random.default_rng(0)
@@ -181,8 +187,10 @@ def child_profile(config, steps, model_dir):
     OUT.mkdir(parents=True, exist_ok=True)
     log_dir = tempfile.mkdtemp(dir=OUT)
     tf.profiler.experimental.start(log_dir)
+    began = time.perf_counter()
     for _ in range(steps):
         trainer.train_step(tokens, weights, learning_rate=1e-5)
+    wall = (time.perf_counter() - began) / steps
     tf.profiler.experimental.stop()
     space = xplane_pb2.XSpace()
     with open(glob.glob(f'{log_dir}/**/*.xplane.pb', recursive=True)[0], 'rb') as f:
@@ -201,7 +209,7 @@ def child_profile(config, steps, model_dir):
     other = {op: seconds for op, seconds in by_type.items() if op not in MATMUL_OPS}
     with open(f'{log_dir}/ops.json', 'w') as f:  # every op's seconds, for a closer look
         json.dump(by_name.most_common(), f, indent=0)
-    return {'op_seconds': total, 'non_matmul_share': sum(other.values()) / total,
+    return {'op_seconds': total, 'wall_seconds_per_step': wall, 'non_matmul_share': sum(other.values()) / total,
             'largest': [(op, seconds / total) for op, seconds in collections.Counter(other).most_common(8)]}
 
 
@@ -285,16 +293,18 @@ def main():
               f'{rate / 1e9:.0f} | {100 * rate / ceiling[r["precision"]]:.0f}% | {r["peak_rss_gb"]:.2f} | '
               f'{r["first_step_s"]:.0f} | {r["loss"]:.2f}{"" if r["applied"] else " (skipped)"} |', flush=True)
     if args.profile:
-        print('\n| configuration | op time, s/step | not matrix products | largest parts |')
-        print('|---|---|---|---|')
+        print('\nOne op at a time (inter-op threads 1), profiled:\n')
+        print('| configuration | s/step | op time, s/step | not matrix products | largest parts |')
+        print('|---|---|---|---|---|')
         for name in args.profile_configs.split(','):
             config, code = config_and_code(name)
             r = in_child('profile', config, args.steps, str(model_dir), code=code)
             if 'error' in r:
-                print(f'| {name} | error: {r["error"]} |||', flush=True)
+                print(f'| {name} | error: {r["error"]} ||||', flush=True)
                 continue
             largest = ', '.join(f'{op} {100 * share:.1f}%' for op, share in r['largest'])
-            print(f'| {name} | {r["op_seconds"] / args.steps:.2f} | {100 * r["non_matmul_share"]:.0f}% | '
+            print(f'| {name} | {r["wall_seconds_per_step"]:.2f} | {r["op_seconds"] / args.steps:.2f} | '
+                  f'{100 * r["non_matmul_share"]:.0f}% | '
                   f'{largest} |', flush=True)
 
 
