@@ -280,15 +280,19 @@ def final_norm(params, x):
     return layer_norm(x, params[f'{SCOPE}/ln_f/g'], params[f'{SCOPE}/ln_f/b'])
 
 
-def forward(params, tokens, *, hparams):
+def forward(params, tokens, *, hparams, block=_traced_text_block):
     """Run the network over whole texts, tokens int [batch, seq]. Returns a dict:
       logits [batch, seq, n_vocab]; hidden [batch, seq, n_embd], the final layer-normalised
-      hidden states (the text vectors)."""
+      hidden states (the text vectors).
+    block: what each layer runs, (weights, x, batch, n_head) -> x; `text_block` writes every
+      layer into the graph in line, as the original's model() did (the benchmarks' baseline:
+      tf.gradients differentiates calls of the traced block into function calls of their
+      own, which keep more memory)."""
     tokens = tf.cast(tokens, tf.int32)
     batch, seq = tf.shape(tokens)[0], tf.shape(tokens)[1]
     x = embed(params, tokens, tf.broadcast_to(tf.range(seq), [batch, seq]))
     for layer in range(hparams.n_layer):
-        x = _traced_text_block(layer_tensors(params, layer), x, batch, hparams.n_head)
+        x = block(layer_tensors(params, layer), x, batch, hparams.n_head)
     hidden = final_norm(params, x)
     logits = unembed(params, hidden)
     return {'logits': tf.reshape(logits, [batch, seq, hparams.n_vocab]),

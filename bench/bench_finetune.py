@@ -15,7 +15,7 @@ n_embd) per second is given as a share of the ceiling of its own precision.
 --profile adds, for each of --profile_configs, the share of a step's op time (the TF
 profiler's per-op timings, in a child that runs one op at a time so that each op's time is
 its own) that is not matrix products, and its largest parts.
-`original` builds the original's graph (every layer in line: bench/original_scripts.py).
+`original` builds the original's graph, every layer in line (`model.forward(block=model.text_block)`).
 A configuration written NAME@DIR runs the modules of the checkout at DIR (e.g.
 `--configs float32@/work/main,float32,float32@/work/main,float32` alternates another
 version's step with this one's in one run, as timing comparisons need).
@@ -89,13 +89,12 @@ def original_step(hparams, steps, tokens):
     """The original run_finetune.py's step: TF1 graph, tf.gradients, v1 Adam (float32)."""
     import tensorflow as tf
     import model
-    from original_scripts import whole_text_logits
     v1 = tf.compat.v1
     v1.disable_eager_execution()
     with v1.Session(graph=tf.Graph()) as session:
         context = v1.placeholder(tf.int32, [None, None])
         params = model.tf1_parameters(hparams)
-        logits = whole_text_logits(params, context, hparams)
+        logits = model.forward(params, context, hparams=hparams, block=model.text_block)['logits']
         loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
             labels=context[:, 1:], logits=logits[:, :-1]))
         variables = list(params.values())
@@ -304,8 +303,7 @@ def main():
                 continue
             largest = ', '.join(f'{op} {100 * share:.1f}%' for op, share in r['largest'])
             print(f'| {name} | {r["wall_seconds_per_step"]:.2f} | {r["op_seconds"] / args.steps:.2f} | '
-                  f'{100 * r["non_matmul_share"]:.0f}% | '
-                  f'{largest} |', flush=True)
+                  f'{100 * r["non_matmul_share"]:.0f}% | {largest} |', flush=True)
 
 
 if __name__ == '__main__':

@@ -64,22 +64,6 @@ def network_with_past(params, tokens, past, hparams):
     return model.unembed(params, last), present
 
 
-def whole_text_logits(params, tokens, hparams):
-    """Logits [batch, seq, n_vocab] of tokens [batch, seq], as the original's model() built
-    them: every layer's block written into the graph in line. (`model.forward` calls one
-    traced block from every layer instead; tf.gradients differentiates such calls into
-    function calls of their own, which keep more memory than the original's graph.)"""
-    import tensorflow as tf
-
-    import model
-    batch, seq = tf.shape(tokens)[0], tf.shape(tokens)[1]
-    x = model.embed(params, tokens, tf.broadcast_to(tf.range(seq), [batch, seq]))
-    for layer in range(hparams.n_layer):
-        x = model.text_block(model.layer_weights(params, layer), x, batch, hparams.n_head)
-    logits = model.unembed(params, model.final_norm(params, x))
-    return tf.reshape(logits, [batch, seq, hparams.n_vocab])
-
-
 def sampling_graph(params, context, hparams, *, length, top_k):
     """Tokens [1, context + length]: `length` tokens sampled after `context` [1, None]."""
     import tensorflow as tf
@@ -134,7 +118,8 @@ def score(args, loaded, encoder, tf):
         texts = [line.strip() for line in stream if line.strip()]
     with tf.compat.v1.Session(graph=tf.Graph()) as session:
         tokens = tf.compat.v1.placeholder(tf.int32, [None])
-        logits = whole_text_logits(model.tf1_parameters(hparams), tokens[None, :-1], hparams)[0]
+        logits = model.forward(model.tf1_parameters(hparams), tokens[None, :-1], hparams=hparams,
+                               block=model.text_block)['logits'][0]
         probs = tf.nn.softmax(logits)
         picked = tf.gather_nd(probs, tf.stack([tf.range(tf.shape(tokens)[0] - 1), tokens[1:]], axis=-1))
         logprobs = tf.math.log(picked)
